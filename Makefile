@@ -1,0 +1,39 @@
+# The two commands the README leads with. Both create .venv on first use (pip, pinned by
+# constraints.txt) and reuse it afterwards.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+# Loopback-only Ray, no telemetry, no cloud-metadata probes (DESIGN.md §3). Applied to the
+# jobs and tests only: pip needs the real network to reach the package registry.
+HERMETIC := env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
+	MLFLOW_DISABLE_TELEMETRY=true NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost \
+	HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
+	http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9
+PIP := env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy $(BIN)/python -m pip
+
+.PHONY: demo test bench bench-quick venv clean
+
+demo: $(STAMP)
+	$(HERMETIC) $(BIN)/reactdiff demo
+
+test: $(STAMP)
+	$(HERMETIC) RAY_AUTH_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(HERMETIC) $(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(HERMETIC) $(BIN)/python -m benchmarks.run --quick
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf .reactdiff

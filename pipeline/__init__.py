@@ -1,0 +1,1 @@
+"""Everything distributed or stateful: storage, REACT data, extraction, training, tracking."""
