@@ -73,7 +73,12 @@ def workspace(root: str | os.PathLike | None = None) -> Workspace:
 
 
 def apply_hermetic_env(*, override: bool = False) -> None:
-    """Export the loopback/no-telemetry variables (kept if the caller already set them)."""
+    """Export the loopback/no-telemetry variables (kept if the caller already set them).
+
+    Called when ``pipeline`` is imported (unless attaching to a cluster through ``RAY_ADDRESS``
+    or opted out with ``REACTDIFF_HERMETIC=0``, e.g. to reach real S3 from a laptop through a
+    proxy), so the variables are in place before anything imports Ray.
+    """
     for key, value in HERMETIC_ENV.items():
         if override or key not in os.environ:
             os.environ[key] = value
@@ -84,15 +89,17 @@ def apply_hermetic_env(*, override: bool = False) -> None:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None):
     """Start local Ray (loopback) or attach to ``address`` / ``$RAY_ADDRESS``. Idempotent."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        apply_hermetic_env()  # before Ray is imported: it reads some variables at import time
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to Ray cluster at %s", address)
         return ray.init(address=address, log_to_driver=True)
-    apply_hermetic_env()
+    _force_loopback(ray)
     cpus = num_cpus or max(MIN_LOGICAL_CPUS, os.cpu_count() or 1)
     log.info("starting local Ray on 127.0.0.1 with %d logical CPUs", cpus)
     return ray.init(
@@ -103,6 +110,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         log_to_driver=True,
         configure_logging=False,
     )
+
+
+def _force_loopback(ray) -> None:
+    """Bind every listener to 127.0.0.1 even if Ray was imported before our variables were set.
+
+    Ray evaluates RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is first imported; a job
+    that imported Ray earlier would otherwise start a node listening on every interface.
+    """
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        log.debug("Ray was imported before the loopback variables were set; forcing loopback")
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def shutdown_ray() -> None:

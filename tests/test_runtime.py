@@ -62,3 +62,32 @@ def test_init_ray_is_idempotent(ray_local):
     import ray
 
     assert ray.is_initialized()
+
+
+@pytest.mark.parametrize("import_ray_first", [False, True])
+def test_loopback_even_without_env_and_with_early_ray_import(tmp_path, import_ray_first):
+    """A job started without the variables (e.g. from a bare shell), even one that imported
+    Ray before our runtime, still binds every Ray listener to loopback."""
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        ("import ray\n" if import_ray_first else "")
+        + "import subprocess\n"
+        "from pipeline import runtime\n"
+        "runtime.init_ray(num_cpus=1)\n"
+        "import ray, psutil  # psutil ships inside Ray\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"
+        "me = psutil.Process(); pids = {me.pid} | {c.pid for c in me.children(recursive=True)}\n"
+        "out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
+        "rows = [l.split()[3] for l in out.splitlines() if any(f'pid={p},' in l for p in pids)]\n"
+        "print('LISTEN', ' '.join(rows))\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in runtime.HERMETIC_ENV and k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("LISTEN")]
+    assert line, proc.stderr[-2000:]
+    listeners = line[0].split()[1:]
+    assert listeners
+    assert all(a.startswith(LOOPBACK) for a in listeners), listeners
