@@ -29,6 +29,10 @@ def config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.exists():
         return p
+    # "jobs/configs/train.yaml" from any working directory (a job driver need not run in the checkout)
+    repo_relative = CONFIG_DIR.parent.parent / p
+    if p.parts[:2] == ("jobs", "configs") and repo_relative.exists():
+        return repo_relative
     bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
     if bundled.exists():
         return bundled
