@@ -65,7 +65,8 @@ def configure_logging(verbose: bool = False) -> None:
 
 def run_module(module, argv: list[str] | None = None) -> int:
     """Entry for ``python -m jobs.<name>``: parse that command's options and run it."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__,
+    name = module.__spec__.name if module.__spec__ else module.__name__
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(parser)

@@ -7,25 +7,35 @@ in-process on 127.0.0.1 and MLflow uses ``sqlite:///.reactdiff/mlflow.db``.
 
 from __future__ import annotations
 
+import sys
+
 HELP = "run the whole pipeline end to end on embedded defaults (synthetic data, local Ray, sqlite MLflow)"
 
 
 def add_arguments(parser) -> None:
+    from pipeline.config import add_config_arguments
+
+    add_config_arguments(parser, default="demo")
     parser.add_argument("--workdir", default=None, help="working directory (default: $REACTDIFF_HOME or .reactdiff)")
 
 
 def run(args) -> int:
-    from pipeline import runtime
+    from pipeline import config
+    from pipeline.demo import DemoConfig, run_demo, verdict
 
-    ws = runtime.workspace(args.workdir)
-    print(f"reactdiff demo: working directory {ws.root}")
-    print("stages not built yet: synth, extract, train, evaluate, promote, generate")
+    cfg = config.load(DemoConfig, args.config, args.overrides, workdir=args.workdir)
+    summary = run_demo(cfg)
+    print("\n== reactdiff demo: done in {total_s:.0f} s".format(**summary))
+    for line in verdict(summary["metrics"], summary["baselines"]):
+        print("   " + line)
+    print(f"   per step (s): {summary['timings_s']}")
+    print(f"   model:   {summary['model']} (alias champion after promotion)")
+    print(f"   outputs: {summary['outputs']}")
+    print(f"   look at runs and models: {summary['mlflow_ui']}")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     from jobs.cli import run_module
 
     sys.exit(run_module(sys.modules[__name__]))

@@ -41,7 +41,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if uri.startswith("s3://") or uri.startswith("s3a://"):
         import s3fs
 
-        fs = s3fs.S3FileSystem(**_s3_options())
+        # No listing cache: Ray workers write objects this process must see at once (staging
+        # folders, checkpoints); a cached listing made `exists` miss fresh files.
+        fs = s3fs.S3FileSystem(use_listings_cache=False, **_s3_options())
         return fs, uri.split("://", 1)[1].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]

@@ -1,0 +1,344 @@
+"""Decoding one person clip: face video to 224 centre crops, audio to a mono waveform, labels.
+
+Everything here works on one clip at a time and streams: a 751-frame 256x256 clip is ~150 MB
+of RGB, so frames are decoded in chunks and reduced to the resolution the extractors need at
+once (the reference preprocessing: resize the shorter side to 256, centre-crop 224).
+
+Known traps (DESIGN.md §4), avoided on purpose:
+- decord: one ``VideoReader`` per task (never shared across threads), ``num_threads=1`` (Ray
+  already runs one task per core), **sorted** indices to ``get_batch``.
+- decord's ``AudioReader`` leaks ~2.5 MB per clip: wav goes through soundfile, audio inside a
+  container (mp4, m4a) through PyAV.
+- torchaudio >= 2.9 has no ``load``: resampling uses ``torchaudio.functional.resample`` only.
+
+A problem with one clip raises :class:`ClipError` (stage, file, reason); the extraction job turns
+it into a quarantine row instead of failing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from pipeline import storage
+
+# Reference preprocessing (Hunan-Tiger/ReactDiff extract_feature.py): PIL frame -> Resize(256)
+# (shorter side) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5).
+RESIZE_SHORTER = 256
+CROP = 224
+
+
+class ClipError(Exception):
+    """One clip cannot be used: ``stage`` (decode_video, decode_audio, labels, ...), ``uri``, ``reason``."""
+
+    def __init__(self, stage: str, uri: str | None, reason: str):
+        super().__init__(f"{stage}: {uri}: {reason}")
+        self.stage, self.uri, self.reason = stage, uri or "", reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Video
+
+
+def resized_size(height: int, width: int, shorter: int = RESIZE_SHORTER) -> tuple[int, int]:
+    """(h, w) after resizing the shorter side to ``shorter`` (torchvision ``Resize(int)`` rule)."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def center_crop_box(height: int, width: int, size: int = CROP) -> tuple[int, int]:
+    """(top, left) of a ``size`` centre crop (torchvision ``CenterCrop`` rounding)."""
+    if height < size or width < size:
+        raise ValueError(f"frame {height}x{width} is smaller than the {size}x{size} crop")
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def face_crops(frames: np.ndarray, shorter: int = RESIZE_SHORTER, size: int = CROP) -> np.ndarray:
+    """uint8 [n, h, w, 3] frames -> uint8 [n, size, size, 3] reference crops.
+
+    Frames already ``shorter`` on their short side (REACT videos are 256x256) are only cropped,
+    bit-exact with the reference; others are resized with antialiased bilinear interpolation,
+    which is what torchvision uses to match PIL's bilinear ``Resize``.
+    """
+    n, h, w, _ = frames.shape
+    rh, rw = resized_size(h, w, shorter)
+    if (rh, rw) != (h, w):
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    top, left = center_crop_box(rh, rw, size)
+    return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
+
+
+class FaceVideo:
+    """One clip's face video, read chunk by chunk. Use :func:`open_video`."""
+
+    uri: str
+    num_frames: int
+    fps: float | None          # None: the format carries no rate (PNG frame folders)
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        """uint8 RGB [stop - start, h, w, 3] of frames ``start..stop-1``."""
+        raise NotImplementedError
+
+    def crops(self, chunk: int = 64, size: int = CROP, shorter: int = RESIZE_SHORTER) -> Iterator[np.ndarray]:
+        """Consecutive uint8 [<=chunk, size, size, 3] reference crops of every frame, in order."""
+        for start in range(0, self.num_frames, chunk):
+            stop = min(start + chunk, self.num_frames)
+            try:
+                block = self.frames(start, stop)
+            except ClipError:
+                raise
+            except Exception as exc:  # decord/PIL errors on a corrupt or truncated stream
+                raise ClipError("decode_video", self.uri, f"cannot decode frames {start}..{stop - 1} "
+                                f"of {self.num_frames} ({_short(exc)})") from None
+            if len(block) != stop - start:
+                raise ClipError("decode_video", self.uri, f"decoded {len(block)} frames for "
+                                f"{start}..{stop - 1}; the stream is truncated")
+            yield face_crops(block, shorter, size)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Mp4Video(FaceVideo):
+    """An mp4 (REACT 2024) decoded with decord, one reader per task, ``num_threads=1``."""
+
+    def __init__(self, uri: str):
+        import decord
+
+        self.uri = uri
+        try:
+            if storage.is_remote(uri):
+                # decord copies a file-like object into its own buffer: one GET per clip.
+                source = io.BytesIO(storage.read_bytes(uri))
+            else:
+                source = storage.filesystem(uri)[1]
+            self._reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+            self.num_frames = len(self._reader)
+            self.fps = float(self._reader.get_avg_fps())
+        except FileNotFoundError:
+            raise ClipError("decode_video", uri, "video file not found") from None
+        except Exception as exc:
+            raise ClipError("decode_video", uri, f"cannot open video ({_short(exc)})") from None
+        if self.num_frames <= 0:
+            raise ClipError("decode_video", uri, "video has no frames")
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        # Sorted, contiguous indices: decord decodes forward without seeking back.
+        return self._reader.get_batch(list(range(start, stop))).asnumpy()
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class PngFrames(FaceVideo):
+    """A folder of ``1.png .. N.png`` (REACT 2023), decoded with Pillow."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fps = None
+        fs, path = storage.filesystem(uri)
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            raise ClipError("decode_video", uri, "PNG frame folder not found") from None
+        numbers = sorted(int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit())
+        if not numbers:
+            raise ClipError("decode_video", uri, "no N.png frames in the folder")
+        if numbers != list(range(1, len(numbers) + 1)):
+            missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))[:5]
+            raise ClipError("decode_video", uri, f"PNG frames are not numbered 1..{len(numbers)} "
+                            f"(missing e.g. {missing})")
+        self._fs, self._path = fs, path
+        self.num_frames = len(numbers)
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        from PIL import Image
+
+        paths = [posixpath.join(self._path, f"{i + 1}.png") for i in range(start, stop)]
+        blobs = self._fs.cat(paths)  # concurrent GETs on object stores
+        out = []
+        for p in paths:
+            blob = blobs.get(p) if isinstance(blobs, dict) else None
+            if blob is None:        # some filesystems key the result differently: fetch directly
+                blob = self._fs.cat_file(p)
+            with Image.open(io.BytesIO(blob)) as img:
+                out.append(np.asarray(img.convert("RGB")))
+        shapes = {a.shape for a in out}
+        if len(shapes) != 1:
+            raise ClipError("decode_video", self.uri, f"PNG frames have different sizes {sorted(shapes)}")
+        return np.stack(out)
+
+
+def open_video(uri: str, video_format: str = "mp4") -> FaceVideo:
+    """A :class:`FaceVideo` for an mp4 file or a 2023 PNG frame folder."""
+    if video_format == "png":
+        return PngFrames(uri)
+    if video_format != "mp4":
+        raise ClipError("decode_video", uri, f"unknown video format {video_format!r} (mp4 or png)")
+    return Mp4Video(uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+
+
+@dataclass(frozen=True)
+class Audio:
+    """A mono waveform in [-1, 1] and where it came from."""
+
+    samples: np.ndarray        # float32 [n]
+    sample_rate: int
+    source_rate: int           # the file's own rate (before any resampling)
+    channels: int              # the file's channel count (averaged to mono)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def read_audio(uri: str) -> Audio:
+    """Mono float32 audio of a wav (soundfile) or of a container's first audio stream (PyAV).
+
+    Multi-channel audio is averaged to mono, as the reference does.
+    """
+    ext = posixpath.splitext(uri.split("?", 1)[0])[1].lower()
+    try:
+        if ext in (".wav", ".flac", ".ogg", ".aiff", ".aif"):
+            samples, rate = _read_soundfile(uri)
+        else:
+            samples, rate = _read_container_audio(uri)
+    except ClipError:
+        raise
+    except FileNotFoundError:
+        raise ClipError("decode_audio", uri, "audio file not found") from None
+    except Exception as exc:
+        raise ClipError("decode_audio", uri, f"cannot read audio ({_short(exc)})") from None
+    if samples.ndim != 2 or samples.shape[0] == 0:
+        raise ClipError("decode_audio", uri, "audio has no samples")
+    channels = samples.shape[1]
+    mono = samples.mean(axis=1, dtype=np.float64).astype(np.float32) if channels > 1 else samples[:, 0]
+    if not np.isfinite(mono).all():
+        raise ClipError("decode_audio", uri, "audio contains NaN or infinite samples")
+    return Audio(np.ascontiguousarray(mono, dtype=np.float32), rate, rate, channels)
+
+
+def _read_soundfile(uri: str) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    if storage.is_remote(uri):
+        source = io.BytesIO(storage.read_bytes(uri))
+    else:
+        source = storage.filesystem(uri)[1]
+        if not os.path.isfile(source):   # libsndfile would only say "System error"
+            raise FileNotFoundError(source)
+    samples, rate = soundfile.read(source, dtype="float32", always_2d=True)   # [n, channels]
+    return samples, int(rate)
+
+
+def _read_container_audio(uri: str) -> tuple[np.ndarray, int]:
+    import av
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f, av.open(f) as container:
+        if not container.streams.audio:
+            raise ClipError("decode_audio", uri, "the container has no audio stream")
+        stream = container.streams.audio[0]
+        rate = int(stream.codec_context.sample_rate or stream.rate)
+        # Planar float keeps each channel separate: [channels, n] per decoded frame.
+        resampler = av.AudioResampler(format="fltp", rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        raise ClipError("decode_audio", uri, "the audio stream decodes to no samples")
+    return np.concatenate(chunks, axis=1).T.astype(np.float32), rate
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Band-limited (sinc) resampling with ``torchaudio.functional.resample``."""
+    if from_rate == to_rate:
+        return samples
+    import torch
+    import torchaudio.functional as AF
+
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), from_rate, to_rate)
+    return out.numpy()
+
+
+def audio_at(audio: Audio, rate: int) -> Audio:
+    """The same audio at ``rate`` (resampled when the file has another rate)."""
+    if audio.sample_rate == rate:
+        return audio
+    return Audio(resample(audio.samples, audio.sample_rate, rate), rate, audio.source_rate, audio.channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def read_emotion(uri: str) -> np.ndarray:
+    """[T, 25] float32 facial attributes (REACT Emotion csv); ClipError on a bad file."""
+    from pipeline import react
+
+    try:
+        return react.read_emotion(uri)
+    except react.ReactLayoutError as exc:
+        raise ClipError("labels", exc.uri, exc.reason) from None
+    except Exception as exc:
+        raise ClipError("labels", uri, f"cannot read Emotion csv ({_short(exc)})") from None
+
+
+def read_tdmm(uri: str) -> np.ndarray:
+    """[T, 58] float32 FaceVerse 3DMM coefficients (squeezed); ClipError on a bad file."""
+    from pipeline import react
+
+    try:
+        arr = react.read_tdmm(uri)
+    except react.ReactLayoutError as exc:
+        raise ClipError("labels", exc.uri, exc.reason) from None
+    except Exception as exc:
+        raise ClipError("labels", uri, f"cannot read 3DMM npy ({_short(exc)})") from None
+    if not np.isfinite(arr).all():
+        raise ClipError("labels", uri, "3DMM array contains NaN or infinite values")
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame alignment
+
+
+def fit_frames(array: np.ndarray, frames: int) -> np.ndarray:
+    """Crop to ``frames`` rows, or pad by repeating the last row (used within the tolerance only)."""
+    n = len(array)
+    if n == frames:
+        return array
+    if n > frames:
+        return array[:frames]
+    pad = np.repeat(array[-1:], frames - n, axis=0)
+    return np.concatenate([array, pad], axis=0)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    text = " ".join(text.split())
+    return storage.redact(text if len(text) <= limit else text[:limit] + "...")

@@ -1,0 +1,635 @@
+"""Reactions for new speaker clips, and batch predictions for a whole split.
+
+One clip (``reactdiff generate --speaker-video X.mp4``), read top to bottom as the data flows::
+
+    model URI ─ registry ─ generator + version ─ version tag snapshot_uri ─ snapshot manifest
+                                                   └─ the feature set the model was trained on
+    speaker mp4 (+ wav) ─ checks (readable, face-sized, audio when the model hears)
+                        ─ pipeline.extract.extract_clip: decode_clip + the network stages (the
+                          extraction job's own code: the speaker gets exactly the features of training)
+                        ─ generator.generate: K reactions [K, 750, 25] + [K, 750, 58]
+                        ─ REACT files per sample: 25-column attributes csv, 751 x 58 3DMM npy
+                        ─ reactions.png (all K under the speaker), reaction_00.mp4 (speaker | face)
+
+What the written files guarantee (the raw network output is unconstrained):
+
+* AU occurrences in [0, 1] (``--binarize``: 0/1 at 0.5), valence/arousal in [-1, 1];
+* the 8 expression probabilities are clipped at 0 and renormalised to sum to 1 on every frame
+  (a frame with no positive value becomes uniform, 1/8 each);
+* the model generates ``seq_len`` = 750 frames (frames 0..749, as the reference); REACT files
+  have 751, so the 751st row repeats the 750th. ``generation.json`` says so, per run.
+
+A whole split (``reactdiff generate --features SNAPSHOT --split test``) runs the evaluation job's
+own Ray Data pipeline (``pipeline.evaluate.predictions_dataset``: its actor pool and per-item seeds
+``item_seed(seed, k)``) over the items evaluation scores (``available_items``: an item whose
+speaker or listener clip was quarantined is skipped), and streams Parquet in the evaluation
+predictions contract, so ``reactdiff evaluate --predictions URI`` gives the numbers a direct
+evaluation would. Those predictions are the generator's raw output — what the metrics score —
+not the cleaned files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import config as config_mod
+from pipeline import react, storage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow.entities.model_registry import ModelVersion
+
+    from pipeline.features import Extractor, FeatureSet
+    from pipeline.snapshot import Snapshot
+    from reactdiff.generator import ReactDiffGenerator
+
+log = logging.getLogger(__name__)
+
+MIN_FACE_PIXELS = 64          # a frame smaller than this on either side holds no usable face
+AU, VALENCE_AROUSAL, EXPRESSION = slice(0, 15), slice(15, 17), slice(17, 25)
+PREDICTIONS_MANIFEST = "_predictions.json"   # '_' prefix: Parquet dataset readers skip it
+
+
+class GenerationError(RuntimeError):
+    """Something the user can fix: the message names the file or option and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerateConfig:
+    """``reactdiff generate`` settings (jobs/configs/generate.yaml; every key can be ``--set``)."""
+
+    model: str = "models:/reactdiff@champion"   # registry alias/version, runs:/…, or a generator file
+    out: str | None = None                      # folder (local or s3://); default <workdir>/outputs/…
+    samples: int = 10                           # reactions per speaker (official protocol: 10)
+    seed: int = 0                               # one clip: the generator seed; a split: base of item_seed
+    steps: int | None = None                    # DDIM steps (None: the generator's schedule)
+    features: str | None = None                 # snapshot URI/id whose feature set the model uses
+                                                # (default: the version's snapshot_uri tag)
+    # one speaker clip
+    speaker_video: str | None = None
+    speaker_audio: str | None = None            # default: the video's own audio stream
+    speaker_attributes: str | None = None       # Emotion csv: plotted above the reactions
+    speaker_3dmm: str | None = None             # 3D_FV npy: used only by models that consume it
+    binarize: bool = False                      # AU columns of the csv files as 0/1
+    plot: bool = True
+    video: bool = True
+    video_sample: int = 0                       # which reaction drives the face in the video
+    renderer: str = "cartoon"                   # or "package.module:Factory" (a FaceVerse renderer)
+    face_size: int = 256                        # pixels of each half of the video
+    feature_models: dict[str, str] = field(default_factory=dict)   # extractor name -> model URI
+    # a whole split
+    split: str | None = None
+    max_items: int | None = None
+    batch_size: int = 8                         # items per actor call
+    actors: int | None = None                   # generation actors (None: one per GPU, else ≤ 2)
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        err = config_mod.ConfigError
+        if not self.model:
+            raise err("model: pass --model MODEL_URI (e.g. models:/reactdiff@champion)")
+        if bool(self.speaker_video) == bool(self.split):
+            raise err("pass either --speaker-video FILE (one clip) or --split SPLIT (a whole snapshot split)")
+        if self.samples < 1:
+            raise err(f"samples must be >= 1, got {self.samples}")
+        if self.steps is not None and self.steps < 1:
+            raise err(f"steps must be >= 1, got {self.steps}")
+        if not 0 <= self.video_sample < self.samples:
+            raise err(f"video_sample must be in 0..{self.samples - 1} (one of the {self.samples} reactions)")
+        if self.split is not None and self.split not in react.SPLITS:
+            raise err(f"split must be one of {', '.join(react.SPLITS)}, got {self.split!r}")
+        if self.speaker_3dmm and not self.speaker_video:
+            raise err("--speaker-3dmm belongs to --speaker-video")
+        if self.max_items is not None and self.max_items < 1:
+            raise err("max_items must be >= 1")
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
+            raise err("batch_size and actors must be >= 1")
+        if self.face_size < 64 or self.face_size % 2:
+            raise err("face_size must be an even number >= 64")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and the features it was trained on
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    generator: "ReactDiffGenerator"
+    version: "ModelVersion | None"
+    uri: str
+    snapshot: "Snapshot | None"
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        """The named per-frame speaker features the generator consumes (column -> width)."""
+        from pipeline.evaluate import model_features
+
+        return model_features(self.generator)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.generator.config.seq_len)
+
+    def describe(self) -> dict[str, Any]:
+        v = self.version
+        return {"uri": self.uri, "name": getattr(v, "name", None),
+                "version": str(v.version) if v is not None else None,
+                "run_id": getattr(v, "run_id", None),
+                "snapshot_id": self.snapshot.id if self.snapshot else None,
+                "snapshot_uri": storage.redact(self.snapshot.uri) if self.snapshot else None,
+                "feature_set_hash": self.snapshot.feature_set_hash if self.snapshot else None,
+                "inputs": self.inputs, "seq_len": self.seq_len}
+
+
+def load_model(model_uri: str, features: str | None = None, *, device: str = "cpu") -> LoadedModel:
+    """The generator, its registry version and the snapshot whose feature set it consumes.
+
+    Snapshot: ``features`` (URI or id under the workspace), else the version's ``snapshot_uri``
+    tag (set by ``register_generator``), else the generator file's own metadata.
+    """
+    from pipeline.registry import RegistryError, load_generator
+    from pipeline.runtime import workspace
+    from pipeline.snapshot import Snapshot, SnapshotError
+
+    try:
+        generator, version = load_generator(model_uri, map_location=device)
+    except RegistryError as exc:
+        raise GenerationError(str(exc)) from None
+    generator.eval()
+    tags = dict(getattr(version, "tags", None) or {})
+    meta = dict(getattr(generator, "metadata", None) or {})
+    ref = features or tags.get("snapshot_uri") or meta.get("snapshot_uri")
+    snapshot = None
+    if ref:
+        try:
+            snapshot = Snapshot.resolve(ref, workspace().snapshots)
+        except SnapshotError as exc:
+            raise GenerationError(f"the feature snapshot of {model_uri} cannot be opened: {exc}. "
+                                  "Pass --features SNAPSHOT_URI (the snapshot the model was trained on)") from None
+    fsh = tags.get("feature_set_hash") or meta.get("feature_set_hash")
+    if snapshot is not None and fsh and fsh != snapshot.feature_set_hash:
+        raise GenerationError(f"{model_uri} was trained on feature set {fsh[:8]} but snapshot {snapshot.id} "
+                              f"has {snapshot.feature_set_hash[:8]}: pass --features with the model's snapshot")
+    return LoadedModel(generator, version, model_uri, snapshot)
+
+
+def speaker_feature_set(model: LoadedModel, models: dict[str, str] | None = None) -> tuple["FeatureSet", dict]:
+    """The extractors of the model's inputs, rebuilt from the snapshot manifest; (set, policy).
+
+    Each rebuilt extractor must describe itself exactly as in the manifest (type, options,
+    width, dtype, model sha256), so a new clip gets the numbers the model was trained on.
+    """
+    from pipeline.features import FeatureSet, feature_set_from_manifest
+
+    if model.snapshot is None:
+        raise GenerationError(f"cannot tell which features {model.uri} consumes: it has no snapshot_uri tag. "
+                              "Pass --features SNAPSHOT_URI (the snapshot it was trained on)")
+    recorded = model.snapshot.manifest["feature_set"]
+    extractors = recorded.get("config", {}).get("extractors", {})
+    # Model files: --feature-model overrides, else the URIs the extraction recorded.
+    stray = sorted(set(models or {}) - set(extractors))
+    if stray:
+        raise GenerationError(f"--feature-model {stray[0]}=...: the model's feature set has no extractor "
+                              f"{stray[0]!r} (extractors: {', '.join(extractors)})")
+    try:
+        full, policy = feature_set_from_manifest(model.snapshot.manifest, models)
+    except config_mod.ConfigError as exc:
+        raise GenerationError(f"rebuilding the feature set of snapshot {model.snapshot.id}: {exc} "
+                              "(with `reactdiff generate`, name model files with --feature-model NAME=URI)") from None
+    by_column = {e.column: e for e in full.extractors}
+    missing = [c for c in model.inputs if c not in by_column]
+    if missing:
+        raise GenerationError(f"{model.uri} consumes {missing}, which snapshot {model.snapshot.id}'s feature set "
+                              f"does not produce ({', '.join(by_column)}); pass --features with the model's snapshot")
+    needed: list[Extractor] = [by_column[c] for c in model.inputs]
+    resolved = recorded.get("resolved", {}).get("extractors", {})
+    for e in needed:
+        try:
+            e.resolve()
+        except config_mod.ConfigError as exc:
+            raise GenerationError(f"{exc} (name the file with --feature-model {e.name}=URI)") from None
+        want = resolved.get(e.name)
+        if want is not None and _comparable(e.describe()) != _comparable(want):
+            raise GenerationError(f"extractor {e.name!r} rebuilt here differs from the one snapshot "
+                                  f"{model.snapshot.id} was extracted with ({_diff(e.describe(), want)}); "
+                                  f"pass --feature-model {e.name}=URI with the same model file")
+    return FeatureSet(full.name, needed, full.sample_rate, full.source, full.raw), policy
+
+
+def _comparable(desc: dict) -> str:
+    return json.dumps(desc, sort_keys=True, default=str)
+
+
+def _diff(have: dict, want: dict) -> str:
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return ", ".join(f"{k}: {have.get(k)!r} here vs {want.get(k)!r}" for k in keys[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# One speaker clip: checks and features
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SpeakerClip:
+    video: str
+    audio: str | None = None           # wav; None: the video's own audio stream (if it has one)
+    attributes: str | None = None      # Emotion csv
+    tdmm: str | None = None            # 3D_FV npy
+
+    def check_video(self) -> tuple[int, float, tuple[int, int], bool]:
+        """(frames, fps, (h, w), has_audio); GenerationError when unreadable or not face-sized."""
+        import av
+
+        try:
+            frames, fps, (h, w) = react.mp4_info(self.video)
+        except react.ReactLayoutError as exc:
+            raise GenerationError(f"speaker video {exc.uri}: {exc.reason} — pass a readable video file "
+                                  "(mp4, H.264) of the speaker's face") from None
+        if min(h, w) < MIN_FACE_PIXELS:
+            raise GenerationError(f"speaker video {self.video} is {w}x{h} pixels: no face-sized frame (at least "
+                                  f"{MIN_FACE_PIXELS}x{MIN_FACE_PIXELS}; REACT face crops are 256x256)")
+        fs, path = storage.filesystem(self.video)
+        try:
+            with fs.open(path, "rb") as f, av.open(f) as container:
+                has_audio = bool(container.streams.audio)
+                first = next(container.decode(video=0), None)
+        except av.FFmpegError as exc:
+            raise GenerationError(f"speaker video {self.video}: cannot decode ({exc})") from None
+        if first is None:
+            raise GenerationError(f"speaker video {self.video}: no decodable frame")
+        return frames, fps, (h, w), has_audio
+
+
+def _check_length(video: str, frames: int, seq_len: int) -> None:
+    if frames < seq_len:
+        raise GenerationError(f"speaker clip {video} has {frames} frames ({frames / react.FPS:.1f} s); the model "
+                              f"needs at least {seq_len} ({seq_len / react.FPS:.1f} s at {react.FPS} fps)")
+
+
+def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: dict[str, str] | None = None,
+                    device: str = "cpu", video_info: tuple | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The speaker's features {column: float32 [T, D]}, computed by the extraction job's code.
+
+    Uses ``pipeline.extract.extract_clip`` (``decode_clip`` with the CPU extractors, then the
+    job's network stages for TorchScript/wav2vec2 extractors) — the very code that built the
+    snapshot. ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
+    """
+    from pipeline import extract
+    from pipeline.decode import ClipError
+
+    frames, fps, (h, w), has_audio = video_info or speaker.check_video()
+    feature_set, policy = speaker_feature_set(model, feature_models)
+    info: dict[str, Any] = {"video_frames": frames, "video_fps": fps, "video_size": [w, h],
+                            "video_has_audio": has_audio, "audio": None}
+    acoustic = [e.column for e in feature_set.acoustic]
+    if acoustic:
+        if speaker.audio is None and not has_audio:
+            raise GenerationError(f"the model listens to the speaker ({', '.join(acoustic)}) but {speaker.video} "
+                                  "has no audio stream: pass --speaker-audio FILE.wav")
+        info["audio"] = speaker.audio or speaker.video
+    labels = {e.type: e for e in feature_set.labels}
+    for kind, flag, uri in (("emotion", "--speaker-attributes", speaker.attributes),
+                            ("tdmm", "--speaker-3dmm", speaker.tdmm)):
+        if kind in labels and not uri:
+            raise GenerationError(f"the model consumes the speaker's {kind} labels: pass {flag} FILE")
+
+    clip = react.Clip(clip_id="speaker", split="", site="", session="", role="", index="",
+                      video=speaker.video, video_format="mp4", audio=info["audio"],
+                      emotion=speaker.attributes, tdmm=speaker.tdmm)
+    try:
+        out = extract.extract_clip(clip, feature_set, **policy, device=device)
+    except ClipError as exc:
+        hint = (" (pass --speaker-audio FILE.wav)" if exc.stage == "decode_audio" else
+                " (re-encode it, e.g. ffmpeg -i in.mp4 -r 25 out.mp4)" if "fps" in exc.reason else "")
+        raise GenerationError(f"speaker clip: {exc.stage}: {storage.redact(exc.uri)}: {exc.reason}{hint}") from None
+    info["frames"] = int(out["num_frames"])
+    features = {c: np.asarray(out[c], dtype=np.float32) for c in model.inputs}
+    return features, info
+
+
+# ---------------------------------------------------------------------------------------------
+# REACT outputs
+# ---------------------------------------------------------------------------------------------
+
+def clean_emotion(emotion: np.ndarray, binarize: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+    """Raw generated attributes [.., 25] → valid REACT attributes, and what had to change.
+
+    AUs clipped to [0, 1] (or rounded at 0.5 with ``binarize``), valence/arousal clipped to
+    [-1, 1], expressions clipped at 0 and renormalised to sum to 1 (uniform if none positive).
+    """
+    e = np.array(emotion, dtype=np.float32, copy=True)
+    if not np.isfinite(e).all():
+        raise GenerationError("the model produced NaN or infinite attributes; the checkpoint is broken "
+                              "(retrain or pick another version)")
+    stats = {"au_clipped": int(((e[..., AU] < 0) | (e[..., AU] > 1)).sum()),
+             "va_clipped": int((np.abs(e[..., VALENCE_AROUSAL]) > 1).sum())}
+    e[..., AU] = np.clip(e[..., AU], 0.0, 1.0)
+    if binarize:
+        e[..., AU] = (e[..., AU] >= 0.5).astype(np.float32)
+    e[..., VALENCE_AROUSAL] = np.clip(e[..., VALENCE_AROUSAL], -1.0, 1.0)
+    p = np.clip(e[..., EXPRESSION], 0.0, None)
+    total = p.sum(axis=-1, keepdims=True)
+    empty = total[..., 0] <= 1e-12
+    stats["expression_frames_renormalised"] = int(np.count_nonzero(np.abs(total[..., 0] - 1.0) > 1e-6))
+    stats["expression_frames_uniform"] = int(empty.sum())
+    p = np.where(empty[..., None], 1.0 / p.shape[-1], p / np.maximum(total, 1e-12))
+    e[..., EXPRESSION] = p
+    return e, stats
+
+
+def pad_frames(x: np.ndarray, frames: int) -> np.ndarray:
+    """[.., T, D] → [.., frames, D]: crop, or repeat the last frame (T=750 → REACT's 751)."""
+    t = x.shape[-2]
+    if t >= frames:
+        return x[..., :frames, :]
+    reps = np.repeat(x[..., -1:, :], frames - t, axis=-2)
+    return np.concatenate([x, reps], axis=-2)
+
+
+def attributes_csv(emotion: np.ndarray, binarized: bool = False) -> str:
+    """[T, 25] → REACT Emotion csv text: the official header, one row per frame."""
+    if emotion.ndim != 2 or emotion.shape[1] != react.EMOTION_DIM:
+        raise ValueError(f"attributes must be [T, {react.EMOTION_DIM}], got {emotion.shape}")
+    lines = [",".join(react.EMOTION_COLUMNS)]
+    for row in emotion:
+        aus = ",".join(str(int(v)) if binarized else f"{v:.6f}" for v in row[AU])
+        rest = ",".join(f"{v:.6f}" for v in row[15:])
+        lines.append(f"{aus},{rest}")
+    return "\n".join(lines) + "\n"
+
+
+def write_local_or_remote(out_uri: str, name: str, writer) -> str:
+    """Run ``writer(local_path)`` and put the file at ``out_uri/name`` (uploaded if remote)."""
+    target = storage.join(out_uri, name)
+    if not storage.is_remote(out_uri):
+        os.makedirs(os.path.dirname(storage.filesystem(target)[1]), exist_ok=True)
+        writer(storage.filesystem(target)[1])
+        return target
+    with tempfile.TemporaryDirectory(prefix="reactdiff-generate-") as tmp:
+        local = os.path.join(tmp, os.path.basename(name))
+        writer(local)
+        with open(local, "rb") as f:
+            storage.write_bytes(target, f.read())
+    return target
+
+
+@dataclass
+class ClipResult:
+    out: str
+    files: dict[str, list[str]]          # kind -> URIs: attributes, tdmm, plot, video, summary
+    emotion: np.ndarray                  # [K, frames, 25] as written (cleaned, padded)
+    tdmm: np.ndarray                     # [K, frames, 58] absolute FaceVerse coefficients
+    summary: dict[str, Any]
+
+
+def generate_clip(cfg: GenerateConfig) -> ClipResult:
+    """Features of one speaker clip → K reactions → REACT files, plot and video under ``cfg.out``."""
+    import torch
+
+    from pipeline import render
+    from pipeline.decode import ClipError, read_audio
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    speaker = SpeakerClip(cfg.speaker_video, cfg.speaker_audio, cfg.speaker_attributes, cfg.speaker_3dmm)
+    speaker_emotion = None
+    if speaker.attributes:   # read first: a bad csv should fail before minutes of work
+        try:
+            speaker_emotion = react.read_emotion(speaker.attributes)
+        except react.ReactLayoutError as exc:
+            raise GenerationError(f"--speaker-attributes {exc.uri}: {exc.reason}") from None
+    if speaker.tdmm:
+        try:
+            react.read_tdmm(speaker.tdmm)
+        except react.ReactLayoutError as exc:
+            raise GenerationError(f"--speaker-3dmm {exc.uri}: {exc.reason}") from None
+    try:
+        renderer = render.load_renderer(cfg.renderer, size=cfg.face_size) if cfg.video else None
+    except ValueError as exc:
+        raise GenerationError(f"--renderer: {exc}") from None
+    video_info = speaker.check_video()   # before the model: a bad video fails in a second
+
+    t0 = time.perf_counter()
+    model = load_model(cfg.model, cfg.features, device=device)
+    timings["load_model_s"] = time.perf_counter() - t0
+    log.info("model %s (%s), inputs %s", cfg.model,
+             f"{model.version.name} v{model.version.version}" if model.version else "file", model.inputs)
+
+    _check_length(speaker.video, video_info[0], model.seq_len)
+
+    t0 = time.perf_counter()
+    features, info = extract_speaker(model, speaker, cfg.feature_models, device, video_info)
+    timings["features_s"] = time.perf_counter() - t0
+    frames = info["frames"]
+    _check_length(speaker.video, frames, model.seq_len)
+    out_frames = min(frames, model.seq_len + 1)   # REACT: 751 = the 750 generated + 1 repeated
+    log.info("speaker features %s for %d frames; generating %d reactions", list(features), frames, cfg.samples)
+
+    t0 = time.perf_counter()
+    reaction = model.generator.generate({k: torch.from_numpy(v) for k, v in features.items()},
+                                        num_samples=cfg.samples, steps=cfg.steps, seed=cfg.seed)
+    timings["generate_s"] = time.perf_counter() - t0
+    raw_emotion = reaction.emotion.float().cpu().numpy()
+    tdmm = reaction.tdmm.float().cpu().numpy()
+    if not np.isfinite(tdmm).all():
+        raise GenerationError("the model produced NaN or infinite 3DMM coefficients; the checkpoint is broken")
+    emotion, fixes = clean_emotion(raw_emotion, cfg.binarize)
+    generated = emotion.shape[1]
+    emotion, tdmm = pad_frames(emotion, out_frames), pad_frames(tdmm, out_frames).astype(np.float32)
+
+    out = cfg.out or storage.join(_workspace_outputs(), f"generate-{time.strftime('%Y%m%d-%H%M%S')}")
+    files: dict[str, list[str]] = {"attributes": [], "tdmm": [], "plot": [], "video": []}
+    t0 = time.perf_counter()
+    for k in range(cfg.samples):
+        uri = storage.join(out, f"reaction_{k:02d}.csv")
+        storage.write_text(uri, attributes_csv(emotion[k], cfg.binarize))
+        files["attributes"].append(uri)
+        uri = storage.join(out, f"reaction_{k:02d}.npy")
+        storage.write_npy(uri, tdmm[k])
+        files["tdmm"].append(uri)
+    timings["write_s"] = time.perf_counter() - t0
+
+    if cfg.plot:
+        t0 = time.perf_counter()
+        title = (f"{cfg.samples} reactions to {os.path.basename(speaker.video)} — "
+                 f"{model.describe()['name'] or 'model'} v{model.describe()['version'] or '?'}, seed {cfg.seed}")
+        png = render.reaction_plot_png(emotion, speaker_emotion, title=title)
+        uri = storage.join(out, "reactions.png")
+        storage.write_bytes(uri, png)
+        files["plot"].append(uri)
+        timings["plot_s"] = time.perf_counter() - t0
+
+    if cfg.video:
+        t0 = time.perf_counter()
+        audio = None
+        source = speaker.audio or (speaker.video if info["video_has_audio"] else None)
+        if source:
+            try:
+                a = read_audio(source)
+                audio = (a.samples, a.sample_rate)
+            except ClipError as exc:
+                log.warning("video without sound: %s", exc)
+        k = cfg.video_sample
+        name = f"reaction_{k:02d}.mp4"
+        caption = f"generated reaction #{k}"
+        uri = write_local_or_remote(out, name, lambda p: render.write_reaction_video(
+            p, speaker.video, emotion[k], tdmm[k], renderer=renderer, audio=audio, caption=caption))
+        files["video"].append(uri)
+        timings["video_s"] = time.perf_counter() - t0
+
+    timings["total_s"] = time.perf_counter() - t_start
+    notes = [f"the model generates {generated} frames; REACT clips have {out_frames}: "
+             f"{out_frames - generated} last frame(s) repeat frame {generated - 1}" if out_frames > generated
+             else f"{generated} generated frames written as they are",
+             "expression probabilities (last 8 columns) clipped at 0 and renormalised to sum to 1 per frame",
+             "AU occurrences " + ("binarised at 0.5" if cfg.binarize else "clipped to [0, 1]")
+             + "; valence and arousal clipped to [-1, 1]",
+             "3DMM files hold absolute FaceVerse v2 coefficients (mean_face added back)"]
+    if frames > out_frames:
+        notes.append(f"the speaker clip has {frames} frames; only the first {model.seq_len} condition the model")
+    summary = {"model": model.describe(), "speaker": {k: storage.redact(v) if isinstance(v, str) else v
+                                                      for k, v in {**asdict(speaker), **info}.items()},
+               "samples": cfg.samples, "seed": cfg.seed, "steps": cfg.steps, "binarize": cfg.binarize,
+               "frames": {"generated": generated, "written": out_frames, "padded": out_frames - generated},
+               "fixes": fixes, "notes": notes, "renderer": cfg.renderer if cfg.video else None,
+               "video_sample": cfg.video_sample if cfg.video else None, "timings": timings,
+               "files": {k: [storage.redact(u) for u in v] for k, v in files.items()}}
+    uri = storage.join(out, "generation.json")
+    storage.write_json(uri, summary)
+    files["summary"] = [uri]
+    for note in notes[:1]:
+        log.info(note)
+    return ClipResult(out, files, emotion, tdmm, summary)
+
+
+def _workspace_outputs() -> str:
+    from pipeline.runtime import workspace
+
+    return workspace().outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole split: predictions Parquet for `reactdiff evaluate --predictions`
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SplitResult:
+    out: str
+    items: int
+    skipped: list[int]
+    files: list[str]
+    manifest: dict[str, Any]
+
+
+def _with_ids(batch: dict[str, np.ndarray], pairs: dict[int, tuple[str, str]], seed: int) -> dict[str, np.ndarray]:
+    """Add speaker, listener and the item's seed next to ``item`` and ``emotion``."""
+    from pipeline.evaluate import item_seed
+
+    items = [int(i) for i in batch["item"]]
+    batch["speaker"] = np.asarray([pairs[i][0] for i in items], dtype=object)
+    batch["listener"] = np.asarray([pairs[i][1] for i in items], dtype=object)
+    batch["seed"] = np.asarray([item_seed(seed, i) for i in items], dtype=np.int64)
+    return batch
+
+
+def generate_split(cfg: GenerateConfig) -> SplitResult:
+    """K reactions for every item of ``cfg.split`` over Ray Data → Parquet predictions at ``cfg.out``.
+
+    Written to a staging folder, then swapped in (old part files removed) and
+    ``_predictions.json`` written last: a re-run replaces, never appends duplicate items.
+    """
+    from pipeline import evaluate, runtime
+    from pipeline.snapshot import SnapshotError
+
+    t_start = time.perf_counter()
+    runtime.init_ray(cfg.ray_address)
+    model = load_model(cfg.model, cfg.features)      # one registry resolution: alias -> version
+    if model.snapshot is None:
+        raise GenerationError(f"which snapshot? {cfg.model} has no snapshot_uri tag: pass --features SNAPSHOT_URI")
+    snapshot, generator = model.snapshot, model.generator
+    try:
+        items = snapshot.items(cfg.split)
+    except SnapshotError as exc:
+        raise GenerationError(str(exc)) from None
+    missing = [c for c in model.inputs if c not in snapshot.features]
+    if missing:
+        raise GenerationError(f"{cfg.model} consumes {missing}, which snapshot {snapshot.id} lacks; "
+                              "pass --features with a snapshot of the model's feature set")
+    for k, item in enumerate(items):
+        if int(item.index) != k:
+            raise GenerationError(f"snapshot {snapshot.id}: items/{cfg.split} row {k} has index {item.index}")
+    if cfg.max_items is not None:
+        items = items[:cfg.max_items]
+    available = set(evaluate.available_items(snapshot, cfg.split, items))   # as evaluation
+    skipped = [int(i.index) for k, i in enumerate(items) if k not in available]
+    if skipped:
+        log.warning("%d item(s) skipped: their speaker or listener clip was quarantined in %s (first: %s)",
+                    len(skipped), snapshot.id, skipped[:5])
+    todo = [i for k, i in enumerate(items) if k in available]
+    if not todo:
+        raise GenerationError(f"no item of {snapshot.id}/{cfg.split} has both clips extracted")
+
+    out = cfg.out or storage.join(_workspace_outputs(), f"predictions-{cfg.split}-{snapshot.id}")
+    staging = storage.join(out, f"_staging-{uuid.uuid4().hex[:8]}")
+    size = evaluate.actor_pool(cfg.actors, len(todo), cfg.batch_size)[0]
+    log.info("generating %d reactions for %d items of %s/%s on %d actor(s) -> %s", cfg.samples, len(todo),
+             snapshot.id, cfg.split, size, storage.redact(out))
+    t0 = time.perf_counter()
+    # The evaluation job's own pipeline: same actor pool, seeds (item_seed) and per-item generator
+    # calls; the generator travels as its weights-only file bytes (never a pickled module).
+    ds = evaluate.predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
+                                      steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
+                                      frames=model.seq_len)
+    ds = ds.map_batches(_with_ids, batch_format="numpy",
+                        fn_kwargs={"pairs": {int(i.index): (i.speaker, i.listener) for i in todo},
+                                   "seed": cfg.seed})
+    fs, staging_path = storage.arrow_filesystem(staging)
+    try:
+        ds.write_parquet(staging_path, filesystem=fs)
+    except Exception:
+        storage.remove(staging)
+        raise
+    generate_s = time.perf_counter() - t0
+
+    # Swap in: drop the previous run's part files, move the new ones up, manifest last.
+    for name in storage.listdir(out):
+        if name.endswith(".parquet"):
+            storage.remove(storage.join(out, name))
+    files = []
+    for name in storage.listdir(staging):
+        if name.endswith(".parquet"):
+            target = storage.join(out, name)
+            storage.write_bytes(target, storage.read_bytes(storage.join(staging, name)))
+            files.append(target)
+    storage.remove(staging)
+    manifest = {
+        "format": "reactdiff-predictions/1",
+        "contract": "pipeline/evaluate.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
+        "model": model.describe(), "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
+        "steps": cfg.steps, "seeds": "item k uses pipeline.evaluate.item_seed(seed, k)",
+        "items": len(todo), "items_in_split": len(snapshot.items(cfg.split)), "max_items": cfg.max_items,
+        "skipped_items": skipped, "frames": model.seq_len,
+        "files": [storage.redact(os.path.basename(f)) for f in files],
+        "timings": {"generate_s": generate_s, "total_s": time.perf_counter() - t_start},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(storage.join(out, PREDICTIONS_MANIFEST), manifest)
+    return SplitResult(out, len(todo), skipped, files, manifest)
+
+
+def run_generation(cfg: GenerateConfig) -> ClipResult | SplitResult:
+    """The ``reactdiff generate`` job: one speaker clip, or a whole snapshot split."""
+    return generate_clip(cfg) if cfg.speaker_video else generate_split(cfg)

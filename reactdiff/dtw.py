@@ -1,0 +1,238 @@
+"""Exact dynamic time warping for FRDist, batched over many sequence pairs.
+
+The official REACT FRDist calls ``tslearn.metrics.dtw`` once per (item, sample, neighbour,
+group): three full 750 x 750 DTWs per pair, each from Python. This module computes the same
+numbers for many pairs at once:
+
+* ``dtw_pairs``: a numba kernel on CPU, parallel over pairs (``prange``). Each pair is swept
+  along anti-diagonals of the accumulated-cost matrix; the cells of one anti-diagonal are
+  independent, so the inner loop is a long, unit-stride loop that LLVM vectorises (AVX-512 /
+  AVX2). The three REACT groups advance together, diagonal by diagonal, on one copy of the
+  frames held in a per-thread scratch buffer.
+* ``dtw_torch`` / ``dtw_pairs_torch``: the same anti-diagonal wavefront with torch tensor ops,
+  batched over pairs; it runs on any torch device (GPU for large evaluations).
+
+Semantics are those of ``tslearn.metrics.dtw`` without a global constraint (Sakoe & Chiba 1978):
+
+    R[i, j] = ||x_i - y_j||^2 + min(R[i-1, j], R[i, j-1], R[i-1, j-1]),   R[-1, -1] = 0,
+    DTW(x, y) = sqrt(R[T1-1, T2-1]),
+
+with the local cost summed dimension by dimension in float64, in dimension order, exactly as
+tslearn's ``_njit_accumulated_matrix`` does. The numba kernel performs the same floating-point
+operations in the same order, so it reproduces tslearn bit for bit; the torch version sums a
+group's dimensions with ``torch.sum`` (different association), agreeing to ~1e-15 relative.
+Inputs are expected finite (tslearn would silently drop trailing NaN frames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, uint64
+
+# The REACT 25-d frame: 15 facial action units, valence and arousal, 8 expression
+# probabilities. FRDist runs one DTW per group (official FRD.py).
+NUM_DIMS = 25
+AU_END = 15  # dims [0, 15): action units
+VA_END = 17  # dims [15, 17): valence, arousal; [17, 25): expression probabilities
+REACT_GROUPS: tuple[tuple[int, int], ...] = ((0, AU_END), (AU_END, VA_END), (VA_END, NUM_DIMS))
+
+_INF = np.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sweep_antidiagonal(xT, yR, acc, lo, hi, off, q_prev, q_prev2, q_new, group, d_start, d_stop):
+    """Cells (i, j = s - i), i in [lo, hi], of anti-diagonal s for one dimension group.
+
+    ``yR`` is y reversed in time, so y_j = yR[:, i + off] and both reads are unit-stride in i;
+    ``acc[q, g, i + 1]`` holds R_g on diagonal slot q (index 0: the virtual row i = -1). The cells
+    of a diagonal are independent, so LLVM vectorises this loop. Indices are unsigned offsets
+    from non-negative starts: numba's negative-index wraparound would turn the loads into
+    gathers. One group per loop keeps LLVM's runtime alias checks (every store against every
+    load row) few; the group's dimension range is a compile-time literal so the sum unrolls.
+    Frames are kept as float32, their official dtype (half the memory traffic, which bounds
+    this loop), and widened to float64 on load, which is exact: the arithmetic is tslearn's.
+    """
+    numba.literally(d_start)
+    numba.literally(d_stop)
+    new = acc[q_new, group]
+    prev = acc[q_prev, group]
+    prev2 = acc[q_prev2, group]
+    i_lo = uint64(lo)
+    k_lo = uint64(lo + off)
+    one = uint64(1)
+    for t in range(uint64(hi - lo + 1)):
+        i = i_lo + t
+        k = k_lo + t
+        # Local cost ||x_i - y_j||^2 over the group, summed in dimension order like tslearn.
+        c = 0.0
+        for d in range(d_start, d_stop):
+            v = np.float64(xT[d, i]) - np.float64(yR[d, k])
+            c += v * v
+        # up = R[i-1, j] and left = R[i, j-1] lie on diagonal s-1, diag = R[i-1, j-1] on s-2.
+        new[i + one] = c + min(prev[i], prev[i + one], prev2[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dtw_react_one(x, y, xT, yR, acc, out):
+    """DTW of x [T1, 25] vs y [T2, 25] on the three REACT groups into out[0:3] (float64)."""
+    T1 = x.shape[0]
+    T2 = y.shape[0]
+    for t in range(T1):
+        for d in range(NUM_DIMS):
+            xT[d, t] = x[t, d]
+    for t in range(T2):
+        for d in range(NUM_DIMS):
+            yR[d, T2 - 1 - t] = y[t, d]
+    # One group after the other: a group's DP depends only on itself, and the rows one group
+    # touches on consecutive diagonals stay in L1 (all 25 dims together do not fit).
+    _dtw_group(xT, yR, acc, 0, 0, AU_END, T1, T2)
+    _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2)
+    _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2)
+    q_last = (T1 + T2) % 3
+    for g in range(3):
+        out[g] = math.sqrt(acc[q_last, g, T1])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2):
+    """Accumulated cost of one group over all anti-diagonals; R_g[T1-1, T2-1] ends in slot
+    (T1 + T2) % 3 at index T1."""
+    numba.literally(d_start)
+    numba.literally(d_stop)
+    acc[:, group, :] = _INF
+    acc[0, group, 0] = 0.0  # R[-1, -1] = 0, on the virtual diagonal s = -2 (slot 0)
+    for s in range(T1 + T2 - 1):
+        lo = max(0, s - T2 + 1)
+        hi = min(s, T1 - 1)
+        q_new = (s + 2) % 3
+        _sweep_antidiagonal(xT, yR, acc, lo, hi, T2 - 1 - s, (s + 1) % 3, s % 3, q_new, group, d_start, d_stop)
+        # Cells just outside the band are read by the next two diagonals: they are R = inf
+        # (j < 0 or i < 0), but the rotating slot still holds diagonal s-3 there.
+        acc[q_new, group, lo] = _INF
+        if hi + 2 <= T1:
+            acc[q_new, group, hi + 2] = _INF
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _dtw_react_pairs(x, y, x_index, y_index, out, n_blocks):
+    T1 = x.shape[1]
+    T2 = y.shape[1]
+    n_pairs = x_index.shape[0]
+    for b in prange(n_blocks):
+        xT = np.empty((NUM_DIMS, T1), dtype=np.float32)  # scratch reused by the block's pairs
+        yR = np.empty((NUM_DIMS, T2), dtype=np.float32)
+        acc = np.empty((3, 3, T1 + 1))
+        for p in range(b * n_pairs // n_blocks, (b + 1) * n_pairs // n_blocks):
+            _dtw_react_one(x[x_index[p]], y[y_index[p]], xT, yR, acc, out[p])
+
+
+@contextlib.contextmanager
+def numba_threads(num_threads: int | None) -> Iterator[None]:
+    """Temporarily cap numba's thread count (None: leave it), e.g. inside a Ray task."""
+    if num_threads is None:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def dtw_pairs(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_index: Sequence[int] | np.ndarray,
+    y_index: Sequence[int] | np.ndarray,
+    *,
+    num_threads: int | None = None,
+) -> np.ndarray:
+    """tslearn DTW of x[x_index[p]] vs y[y_index[p]] on the REACT groups, numba on CPU.
+
+    x [M, T1, 25], y [M', T2, 25] (cast to float32 like the official ``astype(np.float32)``).
+    Returns float64 [P, 3]: DTW on dims 0-14, 15-16 and 17-24 for each pair p.
+    """
+    # Contiguous float32 (the official dtype): one compiled specialisation, unit-stride frames.
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if x.ndim != 3 or y.ndim != 3 or x.shape[2] != NUM_DIMS or y.shape[2] != NUM_DIMS:
+        raise ValueError(f"expected x [M, T1, {NUM_DIMS}] and y [M', T2, {NUM_DIMS}], got {x.shape}, {y.shape}")
+    x_index = np.ascontiguousarray(x_index, dtype=np.int64)
+    y_index = np.ascontiguousarray(y_index, dtype=np.int64)
+    if x_index.shape != y_index.shape or x_index.ndim != 1:
+        raise ValueError("x_index and y_index must be 1-d and of equal length")
+    out = np.empty((x_index.shape[0], 3), dtype=np.float64)
+    if out.shape[0] == 0:
+        return out
+    if x_index.min() < 0 or x_index.max() >= x.shape[0] or y_index.min() < 0 or y_index.max() >= y.shape[0]:
+        raise IndexError("pair index out of range")
+    with numba_threads(num_threads):
+        # A few blocks per thread balance the load; each block reuses its scratch buffers.
+        _dtw_react_pairs(x, y, x_index, y_index, out, min(out.shape[0], 4 * numba.get_num_threads()))
+    return out
+
+
+def dtw_torch(
+    x: torch.Tensor, y: torch.Tensor, groups: Sequence[tuple[int, int]] | None = REACT_GROUPS
+) -> torch.Tensor:
+    """Batched anti-diagonal DTW (tslearn semantics) for pairs x[b] vs y[b], on x's device.
+
+    x [B, T1, D], y [B, T2, D]. ``groups``: dimension ranges, one DTW each (None: all D dims
+    as one group). Returns float64 [B, G]. Cost per call: T1 + T2 - 1 steps of a few tensor
+    ops over [B, D, diagonal length]; use large B on GPU to amortise kernel launches.
+    """
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"expected x [B, T1, D] and y [B, T2, D], got {tuple(x.shape)}, {tuple(y.shape)}")
+    batch, T1, D = x.shape
+    T2 = y.shape[1]
+    groups = [(0, D)] if groups is None else [(int(a), int(b)) for a, b in groups]
+    # Round to float32 (the official astype), then widen to float64 (tslearn's dtype), exactly.
+    xT = x.to(torch.float32).to(torch.float64).transpose(1, 2).contiguous()  # [B, D, T1]
+    yR = y.to(device=x.device, dtype=torch.float32).to(torch.float64).flip(1).transpose(1, 2).contiguous()
+    acc = torch.full((3, batch, len(groups), T1 + 1), math.inf, dtype=torch.float64, device=x.device)
+    acc[0, :, :, 0] = 0.0  # R[-1, -1] = 0 on the virtual diagonal s = -2
+    for s in range(T1 + T2 - 1):
+        lo, hi, off = max(0, s - T2 + 1), min(s, T1 - 1), T2 - 1 - s
+        diff = xT[:, :, lo : hi + 1] - yR[:, :, lo + off : hi + 1 + off]
+        sq = diff * diff
+        cost = torch.stack([sq[:, a:b].sum(dim=1) for a, b in groups], dim=1)  # [B, G, n]
+        prev, prev2, new = acc[(s + 1) % 3], acc[s % 3], acc[(s + 2) % 3]
+        best = torch.minimum(torch.minimum(prev[..., lo : hi + 1], prev[..., lo + 1 : hi + 2]), prev2[..., lo : hi + 1])
+        new[..., lo + 1 : hi + 2] = cost + best
+        new[..., lo] = math.inf
+        if hi + 2 <= T1:
+            new[..., hi + 2] = math.inf
+    return acc[(T1 + T2) % 3][..., T1].sqrt()
+
+
+def dtw_pairs_torch(
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    x_index: Sequence[int] | np.ndarray,
+    y_index: Sequence[int] | np.ndarray,
+    *,
+    device: str | torch.device = "cuda",
+    batch_size: int = 2048,
+    groups: Sequence[tuple[int, int]] | None = REACT_GROUPS,
+) -> np.ndarray:
+    """``dtw_pairs`` computed with ``dtw_torch`` on ``device``, ``batch_size`` pairs at a time."""
+    x_t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x)
+    y_t = torch.as_tensor(np.asarray(y, dtype=np.float32) if not torch.is_tensor(y) else y)
+    x_index = torch.as_tensor(np.asarray(x_index, dtype=np.int64))
+    y_index = torch.as_tensor(np.asarray(y_index, dtype=np.int64))
+    num_groups = 1 if groups is None else len(groups)
+    out = np.empty((x_index.shape[0], num_groups), dtype=np.float64)
+    y_dev = y_t.to(device=device, dtype=torch.float32)  # listeners are reused across batches
+    for start in range(0, x_index.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        xb = x_t[x_index[sl]].to(device=device, dtype=torch.float32)
+        yb = y_dev[y_index[sl].to(y_dev.device)]
+        out[sl] = dtw_torch(xb, yb, groups).cpu().numpy()
+    return out

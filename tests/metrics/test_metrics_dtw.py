@@ -1,0 +1,102 @@
+"""reactdiff.dtw: hand-computed cases, bitwise agreement with tslearn, torch wavefront == numba."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tslearn.metrics import dtw as tslearn_dtw
+
+from reactdiff.dtw import REACT_GROUPS, dtw_pairs, dtw_pairs_torch, dtw_torch
+
+
+def _embed(sequence, dim: int) -> np.ndarray:
+    """A 1-d sequence placed in one dimension of otherwise-zero 25-d frames."""
+    frames = np.zeros((len(sequence), 25), dtype=np.float32)
+    frames[:, dim] = sequence
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        ([1, 2, 3], [1, 2, 2, 3], 0.0),  # a repeated frame is absorbed by the warping
+        ([1, 2, 3], [1, 2, 2, 3, 4], 1.0),  # the extra 4 matches 3 at cost 1
+        ([0, 0, 0], [1, 1], np.sqrt(3.0)),  # every x frame pays 1: path length 3
+        ([0, 3], [1, 2, 4], np.sqrt(1 + 1 + 1)),  # (0,1) (3,2) (3,4): 1 + 1 + 1
+    ],
+)
+def test_small_dtw_by_hand(x, y, expected):
+    # Valence (dim 15) is in group 1; the other two groups see only zeros.
+    out = dtw_pairs(_embed(x, 15)[None], _embed(y, 15)[None], [0], [0])
+    np.testing.assert_allclose(out[0], [0.0, expected, 0.0], rtol=0, atol=1e-12)
+    by_torch = dtw_torch(torch.tensor(x, dtype=torch.float32)[None, :, None], torch.tensor(y, dtype=torch.float32)[None, :, None], None)
+    assert by_torch.shape == (1, 1)
+    assert by_torch.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_multivariate_cost_is_squared_euclidean_over_the_group():
+    # Two AU dims differ by 3 and 4 at every frame: local cost 25 per frame, 4 frames -> sqrt(100).
+    x = np.zeros((4, 25), dtype=np.float32)
+    y = np.zeros((4, 25), dtype=np.float32)
+    y[:, 0], y[:, 14] = 3.0, 4.0
+    assert dtw_pairs(x[None], y[None], [0], [0])[0].tolist() == [10.0, 0.0, 0.0]
+
+
+def test_identical_sequences_are_exactly_zero():
+    x = np.random.default_rng(0).random((3, 50, 25)).astype(np.float32)
+    assert np.all(dtw_pairs(x, x, [0, 1, 2], [0, 1, 2]) == 0.0)
+
+
+def test_bitwise_equal_to_tslearn_on_unequal_lengths_and_constant_channels():
+    rng = np.random.default_rng(1)
+    x = rng.random((5, 37, 25)).astype(np.float32)
+    y = rng.random((4, 29, 25)).astype(np.float32)
+    x[:, :, :15] = x[:, :, :15] > 0.6  # binary action units
+    x[1, :, 5] = 0.0  # constant channels
+    y[2, :, 20] = 0.3
+    x_index, y_index = np.array([0, 1, 2, 3, 4, 1]), np.array([0, 1, 2, 3, 2, 2])
+    ours = dtw_pairs(x, y, x_index, y_index)
+    reference = np.array(
+        [[tslearn_dtw(x[a][:, s:e], y[b][:, s:e]) for s, e in REACT_GROUPS] for a, b in zip(x_index, y_index)]
+    )
+    np.testing.assert_array_equal(ours, reference)  # same operations in the same order
+
+
+def test_float64_inputs_are_rounded_to_float32_like_the_official_astype():
+    rng = np.random.default_rng(2)
+    x, y = rng.random((1, 20, 25)), rng.random((1, 23, 25))
+    expected = [tslearn_dtw(x[0].astype(np.float32)[:, s:e], y[0].astype(np.float32)[:, s:e]) for s, e in REACT_GROUPS]
+    np.testing.assert_array_equal(dtw_pairs(x, y, [0], [0])[0], expected)
+
+
+def test_torch_wavefront_equals_numba():
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 41, 25)).astype(np.float32)
+    y = rng.random((6, 33, 25)).astype(np.float32)
+    x[2, :, 17:] = 0.125
+    pairs = (np.array([0, 1, 2, 3, 4, 5, 0]), np.array([5, 4, 3, 2, 1, 0, 0]))
+    expected = dtw_pairs(x, y, *pairs)
+    np.testing.assert_allclose(dtw_pairs_torch(x, y, *pairs, device="cpu", batch_size=4), expected, rtol=1e-13, atol=0)
+    batch = dtw_torch(torch.from_numpy(x[pairs[0]]), torch.from_numpy(y[pairs[1]]))
+    assert batch.dtype == torch.float64 and batch.shape == (7, 3)
+    np.testing.assert_allclose(batch.numpy(), expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_wavefront_on_gpu_equals_numba():
+    rng = np.random.default_rng(4)
+    x, y = rng.random((8, 60, 25)).astype(np.float32), rng.random((8, 60, 25)).astype(np.float32)
+    pairs = (np.arange(8), np.arange(8)[::-1].copy())
+    np.testing.assert_allclose(dtw_pairs_torch(x, y, *pairs, device="cuda"), dtw_pairs(x, y, *pairs), rtol=1e-12)
+
+
+def test_input_validation():
+    x = np.zeros((2, 5, 25), dtype=np.float32)
+    with pytest.raises(ValueError):
+        dtw_pairs(np.zeros((2, 5, 24)), x, [0], [0])
+    with pytest.raises(IndexError):
+        dtw_pairs(x, x, [2], [0])
+    with pytest.raises(ValueError):
+        dtw_pairs(x, x, [0, 1], [0])
+    assert dtw_pairs(x, x, [], []).shape == (0, 3)

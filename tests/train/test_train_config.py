@@ -1,0 +1,63 @@
+"""TrainConfig: the bundled train.yaml, CLI options, validation, preset (reference) settings."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+from pipeline.train import TrainConfig, resolved_settings
+
+
+def _args(*argv):
+    import jobs.train
+
+    parser = argparse.ArgumentParser()
+    jobs.train.add_arguments(parser)
+    return jobs.train.config_from_args(parser.parse_args(list(argv)))
+
+
+def test_bundled_config_loads_with_documented_defaults():
+    cfg = config.load(TrainConfig, "train")
+    assert cfg.stage == "autoencoder" and cfg.preset == "small" and cfg.features == "latest"
+    assert cfg.scaling.num_workers == 2 and cfg.checkpoint.metric == "val/loss" and cfg.checkpoint.mode == "min"
+    assert cfg.mlflow.experiment == "reactdiff" and cfg.mlflow.alias == "challenger"
+    assert cfg.stage1.epochs is None and cfg.stage1.grad_clip == 1.0       # null → the preset's value
+
+
+def test_cli_options_land_in_the_trained_stage():
+    cfg = _args("--stage", "diffusion", "--features", "s3://b/snap", "--epochs", "7", "--batch-size", "3",
+                "--num-workers", "4", "--gpu", "--set", "stage1.epochs=99")
+    assert cfg.stage == "diffusion" and cfg.features == "s3://b/snap"
+    assert (cfg.stage2.epochs, cfg.stage2.batch_size) == (7, 3) and cfg.stage1.epochs == 99
+    assert cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu is True
+    cfg = _args("--set", "stage=diffusion", "--epochs", "2")                # stage given through --set
+    assert cfg.stage2.epochs == 2 and cfg.stage1.epochs is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage=vae"], "stage"),
+    (["scaling.num_workers=0"], "num_workers"),
+    (["checkpoint.every=0"], "checkpoint.every"),
+    (["name=../escape"], "name"),
+    (["stage1.epochs=many"], "stage1.epochs"),
+    (["stage=diffusion", "model.seq_len=100"], "model.seq_len"),
+    (["checkpoint.mode=best"], "checkpoint.mode"),
+])
+def test_invalid_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        config.load(TrainConfig, "train", overrides)
+
+
+def test_preset_reference_settings_fill_unset_values():
+    from reactdiff.presets import preset_config
+
+    paper = preset_config("paper")
+    cfg = config.load(TrainConfig, "train", ["stage=diffusion", "stage2.lr=0.00001"])
+    s = resolved_settings(cfg, paper)
+    assert s["lr"] == 1e-5 and s["weight_decay"] == 5e-4 and s["ema_decay"] == 0.999
+    assert s["epochs"] == 200 and s["batch_size"] == 16 and s["betas"] == [0.9, 0.999]
+    s1 = resolved_settings(config.load(TrainConfig, "train"), paper)
+    assert s1["lr"] == 1e-4 and s1["grad_clip"] == 1.0
