@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -191,7 +192,9 @@ def snapshot_dataset(snapshot_uri: str, snapshot_id: str, digest: str | None, *,
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(snapshot_uri)
+    with warnings.catch_warnings():   # a local path matches two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(snapshot_uri)
     schema = None
     if columns:
         from mlflow.types import ColSpec, Schema

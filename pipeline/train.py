@@ -804,8 +804,9 @@ def _find_autoencoder(cfg: TrainConfig, snapshot, uri: str) -> tuple[str, dict[s
     """(generator file URI, tags of the stage-1 MLflow run or {}) for stage 2."""
     ref = cfg.autoencoder
     if ref and not re.fullmatch(r"[0-9a-f]{32}", ref):
-        if not ref.startswith("runs:/") and not storage.exists(ref):
-            raise TrainError(f"autoencoder: {ref} does not exist")
+        if not storage.exists(ref):
+            raise TrainError(f"autoencoder: {ref} does not exist (give an autoencoder.pt URI or a stage-1 "
+                             "MLflow run id)")
         return ref, {}
     c = tracking.client(uri)
     if ref:
@@ -854,7 +855,8 @@ def _val_subset(snapshot, max_items: int) -> dict[str, Any] | None:
         return None
     try:
         neighbours = np.asarray(snapshot.neighbours("val"))[: len(items), : len(items)]
-    except Exception:                   # no neighbour matrix: the metrics need one
+    except Exception as exc:            # no neighbour matrix: each item is its only appropriate one
+        log.warning("val neighbour matrix unavailable (%s): REACT metrics use the identity", exc)
         neighbours = np.eye(len(items), dtype=np.uint8)
     return {"speakers": [i.speaker for i in items], "listeners": [i.listener for i in items],
             "neighbours": neighbours.astype(np.uint8).tolist()}

@@ -91,7 +91,7 @@ def _migrated_mlflow_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def mlflow_uri(tmp_path, _migrated_mlflow_db, monkeypatch) -> str:
+def mlflow_uri(tmp_path, _migrated_mlflow_db, monkeypatch):
     """A private MLflow tracking + registry store (sqlite) for one test."""
     db = tmp_path / "mlflow.db"
     shutil.copy(_migrated_mlflow_db, db)
@@ -100,7 +100,8 @@ def mlflow_uri(tmp_path, _migrated_mlflow_db, monkeypatch) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    return uri
+    yield uri
+    mlflow.set_tracking_uri(None)  # set_tracking_uri also exported $MLFLOW_TRACKING_URI
 
 
 @pytest.fixture

@@ -45,3 +45,7 @@ def test_wrong_type_is_named():
 def test_missing_file_lists_bundled_configs():
     with pytest.raises(ConfigError, match="not found"):
         load(Outer, "nope-does-not-exist")
+
+
+def test_float_accepts_yaml_exponent_strings():
+    assert load(Outer, None, ["inner.lr=1e-5"]).inner.lr == 1e-5
