@@ -108,7 +108,8 @@ def baseline_frdist_rows(pred, listener, neighbours, rows):
             for j in appropriate:
                 res = 0
                 for st, ed, w in GROUPS:
-                    res += w * tslearn_dtw(pred[k, i].astype(np.float32)[:, st:ed], listener[j].astype(np.float32)[:, st:ed])
+                    x, y = pred[k, i].astype(np.float32), listener[j].astype(np.float32)
+                    res += w * tslearn_dtw(x[:, st:ed], y[:, st:ed])
                 candidates.append(res)
             total += min(candidates)
         out.append(total)

@@ -527,10 +527,13 @@ def frdist_distributed(pred: np.ndarray, listener: np.ndarray, neighbours: np.nd
     bounds = np.linspace(0, n, tasks + 1).astype(int)
     futures = [remote.remote(*refs, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     pending, step, t0 = list(futures), max(1, len(futures) // 10), time.perf_counter()
+    last = t0
     while pending:   # progress for long runs (the official val set is hours of DTW on one core)
         done, pending = ray.wait(pending, num_returns=min(step, len(pending)))
-        log.info("FRDist: %d/%d row chunks done (%.0fs)", len(futures) - len(pending), len(futures),
-                 time.perf_counter() - t0)
+        now = time.perf_counter()
+        if now - last >= 30 or (not pending and now - t0 >= 30):   # quiet for short runs
+            last = now
+            log.info("FRDist: %d/%d row chunks done (%.0fs)", len(futures) - len(pending), len(futures), now - t0)
     return float(np.mean(np.concatenate(ray.get(futures))))
 
 

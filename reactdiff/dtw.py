@@ -7,8 +7,8 @@ numbers for many pairs at once:
 * ``dtw_pairs``: a numba kernel on CPU, parallel over pairs (``prange``). Each pair is swept
   along anti-diagonals of the accumulated-cost matrix; the cells of one anti-diagonal are
   independent, so the inner loop is a long, unit-stride loop that LLVM vectorises (AVX-512 /
-  AVX2). The three REACT groups advance together, diagonal by diagonal, on one copy of the
-  frames held in a per-thread scratch buffer.
+  AVX2). The three REACT groups are swept one after the other on one copy of the frames held
+  in a per-thread scratch buffer.
 * ``dtw_torch`` / ``dtw_pairs_torch``: the same anti-diagonal wavefront with torch tensor ops,
   batched over pairs; it runs on any torch device (GPU for large evaluations).
 
@@ -204,7 +204,8 @@ def dtw_torch(
         sq = diff * diff
         cost = torch.stack([sq[:, a:b].sum(dim=1) for a, b in groups], dim=1)  # [B, G, n]
         prev, prev2, new = acc[(s + 1) % 3], acc[s % 3], acc[(s + 2) % 3]
-        best = torch.minimum(torch.minimum(prev[..., lo : hi + 1], prev[..., lo + 1 : hi + 2]), prev2[..., lo : hi + 1])
+        up, left, diag = prev[..., lo : hi + 1], prev[..., lo + 1 : hi + 2], prev2[..., lo : hi + 1]
+        best = torch.minimum(torch.minimum(up, left), diag)
         new[..., lo + 1 : hi + 2] = cost + best
         new[..., lo] = math.inf
         if hi + 2 <= T1:

@@ -5,8 +5,8 @@ reactmultimodalchallenge/baseline_react2023, byte-identical in the 2024 repo) lo
 samples and neighbours in Python and calls ``np.corrcoef`` / ``tslearn.metrics.dtw`` once per
 pair. Here the same quantities are computed in bulk (moments and matrix products for FRCorr,
 batched exact DTW for FRDist, closed-form pair sums for FRDiv/FRDvs, a numba kernel for
-FRSyn), with the official quirks reproduced on purpose (see each function and
-``docs``: shared/reference/metrics.md §2-7 and §12).
+FRSyn), with the official quirks reproduced on purpose (see each function, and the project's
+metrics reference, shared/reference/metrics.md §2-7 and the checklist in §12).
 
 Shapes (numpy arrays or torch tensors; cast to float32 as the official tensors are):
 
@@ -99,10 +99,10 @@ def _appropriate_neighbours(neighbours, n_items: int, rows: np.ndarray) -> tuple
 
 
 def _same_as_first_sample(pred: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """[len(rows), K] bool: sample i of the item is bitwise equal to its sample 0.
+    """[len(rows), K] bool: sample i of the item equals its sample 0 element by element.
 
     GT, Mime and mean baselines and deterministic models repeat one reaction K times; their
-    DTWs are computed once and reused (the result is identical by construction).
+    DTWs are computed once and reused (equal frames give identical DTW values).
     """
     n_samples = pred.shape[1]
     if pred.strides[1] == 0:  # a broadcast view: every sample is the same memory
@@ -186,7 +186,9 @@ def frcorr_rows(pred, listener, neighbours, rows: Sequence[int] | np.ndarray | N
 
         p_sd = np.sqrt(p_var)[..., None]  # [r, 25, K, 1]
         p_var, p_mean = p_var[..., None], p_mean[..., None]
-        g_mean, g_var, g_sd = (stat[table].transpose(0, 2, 1)[:, :, None, :] for stat in (listener_mean, listener_var, listener_sd))
+        g_mean, g_var, g_sd = (
+            stat[table].transpose(0, 2, 1)[:, :, None, :] for stat in (listener_mean, listener_var, listener_sd)
+        )  # [r, 25, 1, n]
         sd_product = p_sd * g_sd
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(sd_product > 0, cov / sd_product, 0.0)  # constant channel: NaN -> 0

@@ -30,7 +30,8 @@ def test_small_dtw_by_hand(x, y, expected):
     # Valence (dim 15) is in group 1; the other two groups see only zeros.
     out = dtw_pairs(_embed(x, 15)[None], _embed(y, 15)[None], [0], [0])
     np.testing.assert_allclose(out[0], [0.0, expected, 0.0], rtol=0, atol=1e-12)
-    by_torch = dtw_torch(torch.tensor(x, dtype=torch.float32)[None, :, None], torch.tensor(y, dtype=torch.float32)[None, :, None], None)
+    as_batch = lambda seq: torch.tensor(seq, dtype=torch.float32)[None, :, None]  # noqa: E731
+    by_torch = dtw_torch(as_batch(x), as_batch(y), None)
     assert by_torch.shape == (1, 1)
     assert by_torch.item() == pytest.approx(expected, abs=1e-12)
 
