@@ -81,6 +81,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _latest_snapshot(root: str, endpoint: str) -> dict:
+    """Counts of the newest complete snapshot under ``root`` on the stack's S3 (moto)."""
+    import boto3
+
+    bucket, prefix = root[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    manifests = sorted(k for k in keys if k.endswith("/_manifest.json"))
+    everything = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert manifests, everything[:30]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifests[-1])["Body"].read())
+    counts = manifest["counts"]
+    return {"uri": f"s3://{bucket}/{manifests[-1].rsplit('/', 1)[0]}", "counts": counts}
+
+
+def _experiment_ids(mlflow_uri: str) -> list[str]:
+    with urllib.request.urlopen(f"{mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=50",
+                                timeout=10) as r:
+        return [e["experiment_id"] for e in json.loads(r.read())["experiments"]]
+
+
 # ------------------------------------------------------------------------------------------
 # fast: the script's own checks
 
@@ -172,13 +194,50 @@ def test_stack_starts_on_loopback_runs_a_job_with_the_token_and_stops_cleanly(tm
                                     timeout=10) as r:
             assert "experiments" in json.loads(r.read())
 
-        # 5. the default Ray temp dir does not point other `ray.init()` calls at this head
+        # 5. the pipeline itself through `ray job submit`: synth → extract → tiny stage-1 training,
+        #    data on the stack's S3, runs in the stack's MLflow server (issue: operations e2e)
+        bucket = f"s3://{info['STACK_BUCKET']}/e2e"
+        job_vars = {"AWS_ENDPOINT_URL": exports["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                    "MLFLOW_TRACKING_URI": mlflow_uri}
+        steps = [
+            ["jobs.synth", "--out", f"{bucket}/raw", "--set", "dyads=[2,1,1]", "--set", "frames=120"],
+            ["jobs.extract", "--config", "jobs/configs/extract.yaml", "--data", f"{bucket}/raw",
+             "--out", f"{bucket}/snapshots"],
+        ]
+
+        def submit(step):
+            submitted = subprocess.run(
+                [ray, "job", "submit", "--address", dashboard,
+                 "--runtime-env-json", json.dumps({"env_vars": job_vars}), "--",
+                 sys.executable, "-m", *step],
+                cwd=REPO, env=job_env, capture_output=True, text=True, timeout=420)
+            assert submitted.returncode == 0, (step[0], (submitted.stdout + submitted.stderr)[-4000:])
+            return submitted.stdout
+
+        for step in steps:
+            submit(step)
+        snapshot = _latest_snapshot(f"{bucket}/snapshots", exports["AWS_ENDPOINT_URL"])
+        assert snapshot["counts"]["clips"] == 8 and snapshot["counts"]["quarantined"] == 0, snapshot
+        submit(["jobs.train", "--config", "jobs/configs/train.yaml", "--stage", "autoencoder",
+                "--features", snapshot["uri"], "--set", f"storage_path={bucket}/checkpoints",
+                "--set", "model.seq_len=100", "--set", "stage1.epochs=1", "--set", "stage1.batch_size=2",
+                "--set", "scaling.num_workers=1"])
+        runs = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{mlflow_uri}/api/2.0/mlflow/runs/search", method="POST",
+            data=json.dumps({"experiment_ids": _experiment_ids(mlflow_uri)}).encode(),
+            headers={"Content-Type": "application/json"}), timeout=30).read()).get("runs", [])
+        finished = [r for r in runs if r["info"]["status"] == "FINISHED"]
+        assert finished, runs
+        assert any(m["key"] == "train/loss" for r in finished for m in r["data"].get("metrics", []))
+
+        # 6. the default Ray temp dir does not point other `ray.init()` calls at this head
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists():
             assert not current.read_text().strip().endswith(f":{info['STACK_RAY_GCS_PORT']}")
         assert Path(info["STACK_RAY_TMP"]).is_dir()
 
-        # 6. a second start refuses while this one runs
+        # 7. a second start refuses while this one runs
         again = _stack(state, "start", 60)
         assert again.returncode != 0 and "already running" in again.stderr
     finally:
