@@ -11,8 +11,6 @@ import torch
 import reactdiff
 from reactdiff.generator import CheckpointError, LatentStatistics, ReactDiffGenerator
 
-from model_helpers import features, tiny_generator
-
 
 # ----------------------------------------------------------------------------------------------
 # Latent statistics
@@ -34,7 +32,7 @@ def test_statistics_running_min_max_and_exact_inverse():
     torch.testing.assert_close(stats.normalize(stats.denormalize(q)), q, atol=1e-5, rtol=1e-5)
 
 
-def test_statistics_reference_bug_is_reproducible_on_request():
+def test_statistics_reference_bug_is_reproducible_on_request(make_tiny):
     """model.md §4.3: m = −2, M = 3 maps −2..3 to p = −1, 1, 3, 5, 7, 9 and back to −2, 3, 8, 13, 18, 23."""
     buggy = LatentStatistics(seq_len=1, feature_dim=1, reference_bug=True)
     buggy.update(torch.tensor([[[-2.0]], [[3.0]]]))
@@ -45,12 +43,12 @@ def test_statistics_reference_bug_is_reproducible_on_request():
     fixed = LatentStatistics(seq_len=1, feature_dim=1)
     fixed.load_state_dict(buggy.state_dict())
     assert fixed.normalize(z).flatten().tolist() == pytest.approx([-1, -0.6, -0.2, 0.2, 0.6, 1.0], abs=1e-4)
-    gen = tiny_generator(reference_normalisation_bug=True)
+    gen = make_tiny(reference_normalisation_bug=True)
     assert gen.latent_stats.reference_bug
 
 
-def test_statistics_must_be_filled_before_stage_two(speaker):
-    gen = tiny_generator()
+def test_statistics_must_be_filled_before_stage_two(speaker, make_tiny):
+    gen = make_tiny()
     with pytest.raises(RuntimeError, match="latent statistics are empty"):
         gen.generate(speaker, num_samples=1, steps=1)
     with pytest.raises(ValueError, match="do not match"):
@@ -97,8 +95,8 @@ def test_seeds(tiny, speaker):
                               tiny.generate(speaker, num_samples=1, steps=3).emotion)
 
 
-def test_batched_rows_do_not_depend_on_batch_composition(tiny, speaker):
-    other = features(tiny.feature_widths, None, 41, seed=7)
+def test_batched_rows_do_not_depend_on_batch_composition(tiny, speaker, make_features):
+    other = make_features(tiny.feature_widths, None, 41, seed=7)
     batched = {n: torch.stack([speaker[n], other[n]]) for n in speaker}
     out = tiny.generate(batched, num_samples=3, steps=4, seed=[5, 9])
     alone = tiny.generate(other, num_samples=3, steps=4, seed=9)
@@ -151,7 +149,7 @@ def test_input_errors_are_clear(tiny, speaker):
     assert tiny.generate(extra, num_samples=1, steps=1, seed=0).emotion.shape == (1, 40, 25)
 
 
-def test_mean_face_is_added_once(tiny, speaker):
+def test_mean_face_is_added_once(tiny, speaker, make_features):
     base = tiny.generate(speaker, num_samples=2, steps=2, seed=3)
     mean = torch.linspace(-1, 1, 58)
     tiny.set_mean_face(mean)
@@ -160,7 +158,7 @@ def test_mean_face_is_added_once(tiny, speaker):
     torch.testing.assert_close(shifted.emotion, base.emotion)
     # the stage-1 loss compares the decoder output with tdmm − mean_face
     emotion, tdmm = torch.rand(2, 40, 25), torch.randn(2, 40, 58)
-    feats = features(tiny.feature_widths, 2, 40, seed=4)
+    feats = make_features(tiny.feature_widths, 2, 40, seed=4)
     tiny.eval()
     with_mean, _ = tiny.autoencoder_loss(feats, emotion, tdmm + mean)
     tiny.set_mean_face(torch.zeros(58))

@@ -7,7 +7,6 @@ import torch
 
 from reactdiff.mmt import MMTAutoencoder, MMTConfig
 
-from model_helpers import features
 
 FACIAL = {"video_a": 12, "video_b": 6, "video_c": 4}
 ACOUSTIC = {"audio_x": 5, "audio_y": 3}
@@ -19,9 +18,9 @@ def tiny_mmt(**kw) -> MMTAutoencoder:
     return MMTAutoencoder(MMTConfig(**{**cfg, **kw}))
 
 
-def test_shapes_and_structure():
+def test_shapes_and_structure(make_features):
     model = tiny_mmt()
-    feats = features({**FACIAL, **ACOUSTIC}, 2, 30)
+    feats = make_features({**FACIAL, **ACOUSTIC}, 2, 30)
     out = model(feats)
     assert out.z.shape == (2, 30, 16) and out.emotion.shape == (2, 30, 25) and out.tdmm.shape == (2, 30, 58)
     assert out.mu is None and out.logvar is None
@@ -32,10 +31,10 @@ def test_shapes_and_structure():
     assert len(model.decoder.blocks) == 2 and len(model.decoder.blocks[0].layers) == 2
 
 
-def test_every_parameter_is_used():
+def test_every_parameter_is_used(make_features):
     """No dead weights (the reference carried an unused decoder MLP and mask buffer)."""
     model = tiny_mmt()
-    out = model(features({**FACIAL, **ACOUSTIC}, 2, 20))
+    out = model(make_features({**FACIAL, **ACOUSTIC}, 2, 20))
     loss, _ = model.loss(out, torch.rand(2, 20, 25), torch.randn(2, 20, 58))
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -43,9 +42,9 @@ def test_every_parameter_is_used():
     assert [n for n, _ in model.named_buffers()] == []
 
 
-def test_without_positional_encoding_stage1_is_permutation_equivariant_over_time():
+def test_without_positional_encoding_stage1_is_permutation_equivariant_over_time(make_features):
     model = tiny_mmt().eval()
-    feats = features({**FACIAL, **ACOUSTIC}, 2, 25)
+    feats = make_features({**FACIAL, **ACOUSTIC}, 2, 25)
     perm = torch.randperm(25, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = model(feats)
@@ -55,9 +54,9 @@ def test_without_positional_encoding_stage1_is_permutation_equivariant_over_time
     torch.testing.assert_close(out_p.tdmm, out.tdmm[:, perm], atol=1e-5, rtol=1e-4)
 
 
-def test_positional_encoding_breaks_equivariance():
+def test_positional_encoding_breaks_equivariance(make_features):
     model = tiny_mmt(positional_encoding=True).eval()
-    feats = features({**FACIAL, **ACOUSTIC}, 1, 25)
+    feats = make_features({**FACIAL, **ACOUSTIC}, 1, 25)
     perm = torch.arange(24, -1, -1)
     with torch.no_grad():
         z = model.encode(feats)
@@ -65,22 +64,22 @@ def test_positional_encoding_breaks_equivariance():
     assert not torch.allclose(z_p, z[:, perm], atol=1e-3)
 
 
-def test_single_and_missing_acoustic_groups():
+def test_single_and_missing_acoustic_groups(make_features):
     single = tiny_mmt(acoustic={"audio_mfcc26": 26})        # the demo layout: it self-attends
     assert list(single.encoder.acoustic_attn) == ["audio_mfcc26"]
-    assert single.encoder(features({**FACIAL, "audio_mfcc26": 26}, 1, 10))[0].shape == (1, 10, 16)
+    assert single.encoder(make_features({**FACIAL, "audio_mfcc26": 26}, 1, 10))[0].shape == (1, 10, 16)
     three = tiny_mmt(acoustic={"a1": 4, "a2": 3, "a3": 2})   # later groups get the fused stream as query
-    assert three.encoder(features({**FACIAL, "a1": 4, "a2": 3, "a3": 2}, 1, 10))[0].shape == (1, 10, 16)
+    assert three.encoder(make_features({**FACIAL, "a1": 4, "a2": 3, "a3": 2}, 1, 10))[0].shape == (1, 10, 16)
     none = tiny_mmt(acoustic={})
     assert len(none.encoder.inter) == 0
-    assert none.encode(features(FACIAL, 1, 10)).shape == (1, 10, 16)
+    assert none.encode(make_features(FACIAL, 1, 10)).shape == (1, 10, 16)
     with pytest.raises(ValueError, match="facial"):
         MMTConfig(facial={}, acoustic=ACOUSTIC)
 
 
-def test_variational_head():
+def test_variational_head(make_features):
     model = tiny_mmt(variational=True, kl_weight=0.5)
-    feats = features({**FACIAL, **ACOUSTIC}, 2, 12)
+    feats = make_features({**FACIAL, **ACOUSTIC}, 2, 12)
     model.train()
     a, b = model(feats), model(feats)
     assert a.mu.shape == a.logvar.shape == (2, 12, 16)
@@ -94,9 +93,9 @@ def test_variational_head():
     torch.testing.assert_close(model.encode(feats), a.mu)     # and for stage 2
 
 
-def test_loss_is_ten_l1_plus_ten_mse():
+def test_loss_is_ten_l1_plus_ten_mse(make_features):
     model = tiny_mmt().eval()
-    out = model(features({**FACIAL, **ACOUSTIC}, 2, 8))
+    out = model(make_features({**FACIAL, **ACOUSTIC}, 2, 8))
     emo, tdmm = torch.rand(2, 8, 25), torch.randn(2, 8, 58)
     loss, parts = model.loss(out, emo, tdmm)
     l1 = (out.emotion - emo).abs().mean()

@@ -7,12 +7,10 @@ import torch
 
 from reactdiff.training import EMA, TrainSettings, make_optimizer
 
-from model_helpers import features, tiny_generator
 
-
-def test_stage1_training_reduces_the_autoencoder_loss():
-    gen = tiny_generator(stage1={"lr": 3e-3})
-    feats = features(gen.feature_widths, 8, 40, seed=10)
+def test_stage1_training_reduces_the_autoencoder_loss(make_features, make_tiny):
+    gen = make_tiny(stage1={"lr": 3e-3})
+    feats = make_features(gen.feature_widths, 8, 40, seed=10)
     g = torch.Generator().manual_seed(11)
     # Per-frame targets that depend on the person's own features (the stage-1 task).
     emotion = torch.sigmoid(feats["video_a"] @ torch.randn(12, 25, generator=g))
@@ -36,9 +34,9 @@ def test_stage1_training_reduces_the_autoencoder_loss():
     assert ema_loss < 0.6 * losses[0]
 
 
-def test_stage2_training_reduces_the_diffusion_loss_and_uses_the_speaker():
-    gen = tiny_generator(stage2={"lr": 2e-3})
-    speaker = features(gen.feature_widths, 16, 40, seed=20)
+def test_stage2_training_reduces_the_diffusion_loss_and_uses_the_speaker(make_features, make_tiny):
+    gen = make_tiny(stage2={"lr": 2e-3})
+    speaker = make_features(gen.feature_widths, 16, 40, seed=20)
     # Listener behaviour is a deterministic function of the speaker's: a conditioned problem.
     listener = {n: -x.roll(3, dims=1) for n, x in speaker.items()}
     gen.update_statistics(speaker)
@@ -70,10 +68,10 @@ def test_stage2_training_reduces_the_diffusion_loss_and_uses_the_speaker():
     assert set(parts) == {"eps_l1"}
 
 
-def test_latent_diffusion_loss_equals_the_feature_path():
+def test_latent_diffusion_loss_equals_the_feature_path(make_features, make_tiny):
     """A trainer may cache the frozen stage-1 latents; the loss must be the same."""
-    gen = tiny_generator()
-    speaker, listener = features(gen.feature_widths, 3, 41, seed=1), features(gen.feature_widths, 3, 41, seed=2)
+    gen = make_tiny()
+    speaker, listener = make_features(gen.feature_widths, 3, 41, seed=1), make_features(gen.feature_widths, 3, 41, seed=2)
     gen.update_statistics(speaker)
     gen.update_statistics(listener)
     with torch.no_grad():
@@ -121,8 +119,8 @@ def test_make_optimizer_uses_the_settings():
     assert (group["lr"], group["weight_decay"], group["betas"]) == (5e-5, 5e-4, (0.8, 0.99))
 
 
-def test_set_trainable_selects_one_stage():
-    gen = tiny_generator()
+def test_set_trainable_selects_one_stage(make_tiny):
+    gen = make_tiny()
     params = gen.set_trainable("diffusion")
     trainable = {n for n, p in gen.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in gen.named_parameters() if n.startswith(("cond.", "denoiser."))}
