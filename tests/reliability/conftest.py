@@ -1,0 +1,135 @@
+"""Fixtures of the reliability suite, and the summary it prints at the end of the run.
+
+Data are tiny on purpose: clips of 50 frames (one diffusion window of the ``small`` preset);
+the clean dataset is 2/1/1 dyads (8 person clips). The clean extraction runs once per session on
+moto S3 with a Ray worker SIGKILLed in the middle of a clip, and with the driver's S3 secret set
+to a unique marker; its snapshot then feeds the training fault tests.
+
+Helpers of other suites are imported, not copied: tests/extract/extract_fixtures.py (media
+writers, tiny networks) and tests/train/train_fixtures.py (the tiny 2-worker training config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+for _suite in ("extract", "train"):
+    if str(HERE.parent / _suite) not in sys.path:
+        sys.path.insert(0, str(HERE.parent / _suite))
+
+import reliability_report as R  # noqa: E402
+from reliability_faults import FRAMES  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def pytest_runtest_logreport(report):
+    if "reliability/" not in report.nodeid.replace("\\", "/"):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+            R.REPORT.xfail_reasons[report.nodeid] = report.wasxfail
+        elif report.when == "setup" and report.outcome == "failed":
+            outcome = "error"
+        R.REPORT.outcomes[report.nodeid] = outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = R.render()
+    if not lines:
+        return
+    terminalreporter.section("reliability: inputs tried, faults injected, rows lost")
+    for line in lines:
+        terminalreporter.write_line(line)
+    out = os.environ.get("REACTDIFF_RELIABILITY_JSON")
+    if out:   # machine-readable figures (docs/reliability.md quotes them)
+        Path(out).write_text(json.dumps({
+            "cases": [c.__dict__ | {"result": R.REPORT.outcomes.get(c.nodeid)} for c in R.REPORT.cases],
+            "rows": [r.__dict__ | {"lost": r.lost} for r in R.REPORT.rows]}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.fixture(scope="session")
+def clean_root(tmp_path_factory) -> str:
+    """Synthetic REACT 2024, 2/1/1 dyads = 8 person clips of FRAMES frames (read-only)."""
+    from pipeline import synth
+
+    root = tmp_path_factory.mktemp("rel-react") / "data"
+    synth.generate(str(root), dyads=(2, 1, 1), frames=FRAMES, seed=3, release="2024")
+    return str(root)
+
+
+@dataclass
+class CleanRun:
+    data: str                # dataset root on S3
+    out: str                 # snapshots root on S3
+    result: object           # ExtractResult
+    target: str              # the clip whose worker was killed
+    killed: int              # its worker's pid
+    attempts: list[int]      # pids of every attempt on that clip
+    marker: str              # the driver's S3 secret during the run
+    said: str                # everything logged/printed during the run
+
+
+@pytest.fixture(scope="session")
+def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
+    """S3 -> S3 extraction of the clean dataset; one Ray worker is SIGKILLed while it holds a clip.
+
+    The driver's AWS secret is a unique marker during the run (Ray workers keep the session's
+    dummy secret: both must stay out of everything the run writes or says).
+    """
+    import reliability_faults as F
+    from pipeline import react, storage
+    from pipeline.extract import ExtractConfig, extract
+
+    prefix = f"s3://{s3_server.bucket}/rel-{uuid.uuid4().hex[:8]}"
+    data, out = f"{prefix}/data", f"{prefix}/snapshots"
+    fs, base = storage.filesystem(data)
+    local = [os.path.join(d, f) for d, _, files in os.walk(clean_root) for f in files]
+    fs.put(local, [base + "/" + os.path.relpath(p, clean_root) for p in local])
+
+    target = react.open_dataset(clean_root).clips("train")[1]
+    tmp = tmp_path_factory.mktemp("rel-clean")
+    control = tmp / "control"
+    control.mkdir()
+    fset = F.holding_feature_set(tmp / "holding.yaml", F.array_digest(react.read_emotion(target.emotion)),
+                                 control, holds=1)
+
+    killed: dict[str, int] = {}
+
+    def killer():
+        try:
+            pid = F.wait_for(lambda: (F.attempts(control) or [None])[0], 300, 0.05, "the held clip")
+            F.kill_own(pid)
+            killed["pid"] = pid
+        except BaseException as exc:   # never leave the job waiting on a hold
+            killed["error"] = repr(exc)
+            (control / "release").write_text("")
+
+    marker = f"rel-secret-{uuid.uuid4().hex}"
+    thread = threading.Thread(target=killer, daemon=True)
+    with F.s3_secret(marker), F.capture_everything() as said, F.holding_emotion():
+        thread.start()
+        result = extract(ExtractConfig(data=data, out=out, feature_set=fset))
+        thread.join(30)
+        print(result.report)
+    assert "pid" in killed, killed
+    counts = result.manifest["counts"]
+    R.rows("clean S3 run, a worker SIGKILLed mid-clip", counts["considered"], counts["clips"], counts["quarantined"])
+    return CleanRun(data, out, result, target.clip_id, killed["pid"], F.attempts(control), marker, said.getvalue())
