@@ -4,7 +4,6 @@ interrupted at the publish point."""
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np

@@ -19,6 +19,7 @@ import reliability_report as R
 
 NAME = "reactdiff"
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 TABLE = {"1": {"FRCorr": 0.10, "FRDist": 90.0}, "2": {"FRCorr": 0.30, "FRDist": 80.0},
          "3": {"FRCorr": 0.20, "FRDist": 85.0}, "4": {"FRCorr": 0.25, "FRDist": 82.0},
          "5": {"FRCorr": 0.40, "FRDist": 70.0}}

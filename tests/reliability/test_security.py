@@ -10,7 +10,6 @@ each model file in the manifest and its re-check before a worker loads it (tests
 from __future__ import annotations
 
 import hashlib
-import io
 import uuid
 from pathlib import Path
 
@@ -131,6 +130,7 @@ def test_a_model_file_swapped_since_extraction_is_refused_before_it_loads(tmp_pa
 # Credentials
 
 
+@pytest.mark.slow
 def test_s3_secrets_never_appear_in_extraction_logs_snapshots_or_errors(clean_run, s3, ray_local, capsys, request):
     """The clean extraction ran S3 -> S3 with the driver's secret set to a unique marker (workers
     use the session's dummy secret): neither appears in what it logged or printed (captured at

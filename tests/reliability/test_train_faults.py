@@ -142,7 +142,8 @@ def resumed(run, driver_killed, ray_local):
     def killer():
         try:
             F.wait_for(lambda: _persisted(run["run_dir"], 2), 600, 0.1, "checkpoint 2")
-            workers = [p for p in F.own_processes_matching("ray::RayTrainWorker") if p not in before]
+            workers = F.wait_for(lambda: [p for p in F.own_processes_matching("ray::RayTrainWorker")
+                                          if p not in before], 30, 0.05, "the train workers")
             killed["workers"] = workers
             killed["after_epoch"] = max(e for e in range(1, EPOCHS + 1) if _persisted(run["run_dir"], e))
             F.kill_own(workers[-1])
