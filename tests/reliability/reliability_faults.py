@@ -348,40 +348,31 @@ def capture_everything():
 
 
 @contextlib.contextmanager
-def s3_secret(value: str):
-    """This process's S3 secret set to ``value`` (fresh s3fs clients pick it up); restored after."""
+def _s3_variable(key: str, value: str):
+    """This process's ``key`` set to ``value`` (fresh s3fs clients pick it up); restored after."""
     import s3fs
 
-    old = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    os.environ["AWS_SECRET_ACCESS_KEY"] = value
+    old = os.environ.get(key)
+    os.environ[key] = value
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield value
     finally:
         if old is None:
-            os.environ.pop("AWS_SECRET_ACCESS_KEY", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["AWS_SECRET_ACCESS_KEY"] = old
+            os.environ[key] = old
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def s3_secret(value: str):
+    """This process's S3 secret set to ``value``; restored after."""
+    return _s3_variable("AWS_SECRET_ACCESS_KEY", value)
 
-@contextlib.contextmanager
+
 def s3_endpoint(endpoint: str):
     """This process's S3 endpoint set to ``endpoint`` (e.g. the flaky proxy); Ray workers keep theirs."""
-    import s3fs
-
-    old = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield endpoint
-    finally:
-        if old is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = old
-        s3fs.S3FileSystem.clear_instance_cache()
+    return _s3_variable("AWS_ENDPOINT_URL", endpoint)
 
 
 # ---------------------------------------------------------------------------------------------
