@@ -34,6 +34,7 @@ import logging
 import os
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,6 +65,11 @@ SUMMARY_DEFAULTS: dict[str, Any] = {
     "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
 }
 MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "Emotion", "tdmm": "3D_FV_files"}
+# Ray Data retries a map task whose worker died forever by default (max_retries=-1): a clip that
+# kills its worker on every attempt (a decoder segfault, out of memory) would hang the job. After
+# this many retries the block fails, the job goes on (max_errored_blocks=-1) and the driver
+# quarantines the clip with stage "worker".
+TASK_RETRIES = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,12 +260,22 @@ def _decode_clip(row: dict[str, Any], plan: Plan, opened: list) -> dict[str, Any
     # Frame count T: the configured one, else the video's, else the labels', else the audio's.
     order = ("video", "emotion", "tdmm", "audio")
     frames = plan.frames or next(int(round(counts[m][0])) for m in order if m in counts)
-    for modality, (n, uri) in counts.items():
-        if abs(n - frames) > plan.frame_tolerance + (0.5 if modality == "audio" else 0):
-            have = f"{n:.1f}" if modality == "audio" else str(int(n))
-            raise ClipError("frames", uri, f"{modality} has {have} frames but the clip has {frames} "
-                            f"(tolerance {plan.frame_tolerance}; "
-                            + ", ".join(f"{m} {c:.0f}" for m, (c, _) in counts.items()) + ")")
+    off = [m for m, (n, _) in counts.items()
+           if abs(n - frames) > plan.frame_tolerance + (0.5 if m == "audio" else 0)]
+    if off:
+        listing = ", ".join(f"{m} {c:.0f}" for m, (c, _) in counts.items())
+        # Name the odd file out: the only file whose count the clip's other files disagree on.
+        votes = Counter(int(round(c)) for c, _ in counts.values())
+        majority, agree = votes.most_common(1)[0]
+        odd = [m for m, (c, _) in counts.items() if int(round(c)) != majority]
+        modality = odd[0] if agree > 1 and len(odd) == 1 and not plan.frames else off[0]
+        n, uri = counts[modality]
+        have = f"{n:.1f}" if modality == "audio" else str(int(n))
+        if modality in odd and modality not in off:      # T came from this file: the others are off
+            reason = f"{modality} has {have} frames but the clip's other files have {majority}"
+        else:
+            reason = f"{modality} has {have} frames but the clip has {frames}"
+        raise ClipError("frames", uri, f"{reason} (tolerance {plan.frame_tolerance}; {listing})")
 
     out: dict[str, Any] = {"num_frames": frames}
     for e, arr in labels.items():
@@ -579,7 +595,7 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     # One row per block: a clip is the unit of parallelism, of retry and of failure.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     stages = network_stages(plan.features)
-    task_args = dict(batch_size=1, num_cpus=1, fn_kwargs={"plan": plan})
+    task_args = dict(batch_size=1, num_cpus=1, max_retries=TASK_RETRIES, fn_kwargs={"plan": plan})
     if not stages:
         ds = ds.map_batches(_prepare_and_write_batch, **task_args)
     else:

@@ -510,8 +510,8 @@ def _read_model(ext: Extractor) -> bytes:
         raise FeatureSetError(f"extractor {ext.name!r}: model file {storage.redact(ext.uri)} not found") from None
     digest = hashlib.sha256(data).hexdigest()
     if ext.sha256 is not None and digest != ext.sha256:
-        raise FeatureSetError(f"extractor {ext.name!r}: {storage.redact(ext.uri)} changed during the job "
-                              f"(sha256 {digest[:12]} != {ext.sha256[:12]})")
+        raise FeatureSetError(f"extractor {ext.name!r}: {storage.redact(ext.uri)} changed during the job or "
+                              f"since the snapshot recorded it (sha256 {digest[:12]} != {ext.sha256[:12]})")
     return data
 
 
@@ -719,6 +719,13 @@ def feature_set_from_manifest(manifest: dict[str, Any], models: dict[str, str] |
     uris.update(models or {})
     features = feature_set_from_dict(recorded["config"], uris, source=recorded.get("source", ""),
                                      default_name=recorded.get("name", "snapshot"))
+    # Pin every model file to the sha256 the extraction recorded, so a file replaced since then is
+    # refused by _read_model before anything loads it (TorchScript runs code; resolve() may load
+    # it to probe its width before the caller compares descriptions).
+    for e in features.extractors:
+        pinned = (recorded.get("models") or {}).get(e.name, {}).get("sha256")
+        if e.uri and pinned:
+            e.sha256 = pinned
     policy = recorded.get("resolved", {}).get("policy") or {}
     extract_cfg = manifest.get("config", {})
     policy = {"fps": float(policy.get("fps", extract_cfg.get("fps", FPS))),

@@ -231,6 +231,33 @@ def read_checkpoint(directory: str, map_location="cpu") -> dict[str, Any]:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=map_location, weights_only=True)
 
 
+def restore_state(checkpoint, run_dir: str) -> dict[str, Any] | None:
+    """The state to resume from: Ray's latest checkpoint, or — when its file is unreadable
+    (truncated upload, disk error) — the newest previous complete checkpoint of the run."""
+    if checkpoint is None:
+        return None
+    name = os.path.basename(str(checkpoint.path).rstrip("/"))
+    try:
+        with checkpoint.as_directory() as d:
+            return read_checkpoint(d, map_location="cpu")
+    except Exception as exc:        # noqa: BLE001 - any unreadable file: fall back, naming it
+        bad = storage.redact(storage.join(run_dir, name, CHECKPOINT_FILE))
+        log.error("checkpoint %s is unreadable (%s: %s); resuming from the previous checkpoint",
+                  bad, type(exc).__name__, " ".join(str(exc).split())[:200])
+    for uri, _ in reversed(checkpoint_metas(run_dir)):
+        if os.path.basename(uri.rstrip("/")) == name:
+            continue
+        try:
+            state = load_checkpoint_uri(uri)
+        except Exception as exc:    # noqa: BLE001
+            log.error("previous checkpoint %s is unreadable too (%s)", storage.redact(uri), type(exc).__name__)
+            continue
+        log.warning("resuming from the previous checkpoint %s (epoch %s)", storage.redact(uri), state.get("epoch"))
+        return state
+    raise TrainError(f"checkpoint {bad} is unreadable and run {os.path.basename(run_dir)} has no other readable "
+                     "checkpoint; start a new run with --set name=<new name>")
+
+
 def generator_from_state(state: dict[str, Any], *, ema: bool = True):
     """The ReactDiffGenerator a checkpoint holds, with its EMA weights (what is validated/exported)."""
     import torch
@@ -681,11 +708,7 @@ def train_loop_per_worker(loop: dict) -> None:
     stage, ts = cfg.stage, loop["settings"]
 
     # -- resume state (read first: a resumed run keeps the model it was built with) ---------------
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = read_checkpoint(d, map_location="cpu")
+    state = restore_state(ray.train.get_checkpoint(), loop["run_dir"])
     gen_config = state["generator_config"] if state else loop["generator_config"]
 
     # -- model: a fresh generator (stage 1) or the frozen stage 1 + a fresh stage 2 -----------------

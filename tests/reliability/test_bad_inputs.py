@@ -190,9 +190,6 @@ def test_the_other_clips_come_out_as_if_nothing_was_broken(broken):
     assert mfcc.shape == (FRAMES, 26) and np.isfinite(mfcc).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline/extract.py:_decode_clip — when a clip's files disagree on "
-                   "the frame count, the quarantine row names the first label file (Emotion csv) instead of "
-                   "the odd one out (here the 40-frame mp4; the other three files agree on 50)")
 def test_frame_count_disagreement_names_the_odd_file_out(broken):
     quarantine = {q["clip_id"]: q for q in broken["result"].manifest["quarantine"]}
     clip_id, (name, path, _) = next((cid, p) for cid, p in broken["plan"].items() if p[0].startswith("mp4 of"))

@@ -46,10 +46,6 @@ def test_a_worker_killed_mid_clip_is_retried_and_the_job_completes(clean_run, cl
         np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4, err_msg=column)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline/extract.py:build_pipeline — Ray Data map tasks default to "
-                   "max_retries=-1, so a clip that kills its worker every time (decoder segfault, OOM) is "
-                   "retried forever and the job never ends, instead of being quarantined (stage 'worker') as "
-                   "extract() intends")
 def test_a_clip_that_kills_its_worker_every_time_is_quarantined_after_bounded_retries(clean_root, ray_local,
                                                                                        tmp_path, request):
     dataset = react.open_dataset(clean_root)

@@ -94,10 +94,6 @@ def test_code_in_a_weights_file_is_refused_and_never_runs(loader, s3, tmp_path, 
     assert "weights_only" in message or "weights-only" in message or "Weights only" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline/features.py:feature_set_from_manifest — rebuilding a "
-                   "snapshot's extractors (reactdiff generate) drops the sha256 the manifest recorded, so "
-                   "TorchScriptNetwork.resolve() torch.jit.load()s a file swapped since extraction (to probe its "
-                   "width) before generate compares hashes")
 def test_a_model_file_swapped_since_extraction_is_refused_before_it_loads(tmp_path, monkeypatch, request):
     import torch
 
