@@ -30,7 +30,12 @@ def run(args) -> int:
         print("   " + line)
     print(f"   per step (s): {summary['timings_s']}")
     print(f"   model:   {summary['model']} (alias champion after promotion)")
-    print(f"   outputs: {summary['outputs']}")
+    out = summary["outputs"]
+    print(f"   reactions: {out['folder']}")
+    for kind in ("plot", "video", "summary"):
+        for path in out["files"].get(kind, []):
+            print(f"     {kind:8s} {path}")
+    print(f"     + {len(out['files'].get('attributes', []))} attribute csv and 3DMM npy files, one per sample")
     print(f"   look at runs and models: {summary['mlflow_ui']}")
     return 0
 

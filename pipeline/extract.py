@@ -65,10 +65,10 @@ SUMMARY_DEFAULTS: dict[str, Any] = {
     "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
 }
 MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "Emotion", "tdmm": "3D_FV_files"}
-# Ray Data retries a map task whose worker died forever by default (max_retries=-1): a clip that
-# kills its worker on every attempt (a decoder segfault, out of memory) would hang the job. After
-# this many retries the block fails, the job goes on (max_errored_blocks=-1) and the driver
-# quarantines the clip with stage "worker".
+# Ray Data retries a map task whose worker died forever by default (max_retries=-1, and
+# max_task_retries=-1 for actor pools): a clip that kills its worker on every attempt (a decoder
+# segfault, out of memory) would hang the job. After this many retries the block fails, the job
+# goes on (max_errored_blocks=-1) and the driver quarantines the clip with stage "worker".
 TASK_RETRIES = 3
 
 
@@ -610,7 +610,9 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
         for cls, kwargs in stages:
             ds = ds.map_batches(cls, batch_size=1, fn_constructor_kwargs={**kwargs, "device": cfg.device},
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                                num_cpus=cfg.cpus_per_actor, num_gpus=gpu_share or None)
+                                num_cpus=cfg.cpus_per_actor, num_gpus=gpu_share or None,
+                                # a dead actor is restarted, but its clip is not retried forever
+                                max_task_retries=TASK_RETRIES)
         ds = ds.map_batches(_write_batch, **task_args)
     # Every per-clip error is caught in the UDFs; should Ray still drop a block (an error outside
     # them), the job goes on and the driver quarantines the clip that has no summary row.

@@ -915,16 +915,24 @@ def _refresh_listings(uri: str) -> None:
 
 
 def export_checkpoint(cfg: TrainConfig, run_dir: str) -> tuple[str, dict[str, Any]]:
-    """The checkpoint to export: best by ``checkpoint.metric`` (``mode``), else the latest."""
+    """(URI, state) of the checkpoint to export: best by ``checkpoint.metric`` (``mode``), else
+    the latest. An unreadable file (truncated upload, disk error) is named in the log and the
+    next in that order is exported instead."""
     metas = checkpoint_metas(run_dir)
     if not metas:
         raise TrainError(f"run {cfg.name} has no complete checkpoint in {storage.redact(run_dir)}")
     metric = cfg.checkpoint.metric
     scored = [(u, m) for u, m in metas if metric and metric in (m.get("metrics") or {})]
-    if not scored:
-        return metas[-1]
-    pick = min if cfg.checkpoint.mode == "min" else max
-    return pick(scored, key=lambda um: float(um[1]["metrics"][metric]))
+    ranked = sorted(scored, key=lambda um: float(um[1]["metrics"][metric]), reverse=cfg.checkpoint.mode == "max")
+    ranked += [um for um in reversed(metas) if um not in ranked]          # unscored: newest first
+    for uri, _ in ranked:
+        try:
+            return uri, load_checkpoint_uri(uri)
+        except Exception as exc:        # noqa: BLE001 - any unreadable file: try the next one
+            log.error("checkpoint %s is unreadable (%s: %s); exporting the next best", storage.redact(uri),
+                      type(exc).__name__, " ".join(str(exc).split())[:200])
+    raise TrainError(f"run {cfg.name}: none of its {len(ranked)} checkpoints is readable; "
+                     "start a new run with --set name=<new name>")
 
 
 def load_checkpoint_uri(uri: str, map_location="cpu") -> dict[str, Any]:
@@ -1079,8 +1087,9 @@ def _finish(cfg: TrainConfig, snapshot, run_dir: str, run_id: str, uri: str, met
     latest_uri, latest = checkpoint_metas(run_dir)[-1]
     # A crash between a checkpoint and rank 0's MLflow flush leaves epochs unlogged: log them now.
     tracking.EpochLogger(run_id, uri).log_history(latest.get("history") or [])
-    checkpoint_uri, _ = export_checkpoint(cfg, run_dir)
-    generator = generator_from_state(load_checkpoint_uri(checkpoint_uri))
+    checkpoint_uri, state = export_checkpoint(cfg, run_dir)
+    generator = generator_from_state(state)
+    del state
     generator.metadata.update(metadata)
     output_uri = storage.join(run_dir, OUTPUT_FILE[cfg.stage])
     c = tracking.client(uri)

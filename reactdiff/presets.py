@@ -44,6 +44,9 @@ SMALL = GeneratorConfig(
         facial={"video_pixels": 1024},          # 32×32 grayscale face crop per frame (synthetic demo data)
         acoustic={"audio_mfcc26": 26},           # a single acoustic group self-attends
         hidden_dim=128, feature_dim=32, depth=2, heads=4,
+        # Raw pixels and MFCC are mostly the person's constant look and voice: centre each clip
+        # so the encoder sees the per-frame expression (mmt.py module doc).
+        clip_centering=True,
         # One 2-layer TransformerDecoder with 2 heads instead of 2 × 2 layers × 4 heads: the
         # decoder's attention over all 750 frames (memory-bound at this width) dominated a step.
         decoder_blocks=1, decoder_layers=2, decoder_heads=2, dropout=0.1,

@@ -64,6 +64,21 @@ def test_positional_encoding_breaks_equivariance(make_features):
     assert not torch.allclose(z_p, z[:, perm], atol=1e-3)
 
 
+def test_clip_centering_ignores_each_clips_constant_offset_and_keeps_its_dynamics(make_features):
+    feats = make_features({**FACIAL, **ACOUSTIC}, 2, 25)
+    # a different constant per clip and feature: a person's look, a microphone's gain
+    offset = {n: 3 * torch.randn(x.shape[0], 1, x.shape[2], generator=torch.Generator().manual_seed(5))
+              for n, x in feats.items()}
+    shifted = {n: x + offset[n] for n, x in feats.items()}
+    centred, plain = tiny_mmt(clip_centering=True).eval(), tiny_mmt().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(centred.encode(shifted), centred.encode(feats), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(plain.encode(shifted), plain.encode(feats), atol=1e-2)
+        # what is left is the per-frame signal: frames that differ still encode differently
+        z = centred.encode(feats)
+    assert (z - z.mean(dim=1, keepdim=True)).abs().max() > 1e-3
+
+
 def test_single_and_missing_acoustic_groups(make_features):
     single = tiny_mmt(acoustic={"audio_mfcc26": 26})        # the demo layout: it self-attends
     assert list(single.encoder.acoustic_attn) == ["audio_mfcc26"]

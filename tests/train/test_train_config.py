@@ -61,3 +61,34 @@ def test_preset_reference_settings_fill_unset_values():
     assert s["epochs"] == 200 and s["batch_size"] == 16 and s["betas"] == [0.9, 0.999]
     s1 = resolved_settings(config.load(TrainConfig, "train"), paper)
     assert s1["lr"] == 1e-4 and s1["grad_clip"] == 1.0
+
+
+def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
+    import torch
+
+    from pipeline.train import CHECKPOINT_FILE, TrainError, export_checkpoint, write_checkpoint
+
+    run_dir = tmp_path / "run"
+    for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, None)):      # epoch 4: not validated
+        d = run_dir / f"checkpoint_epoch{epoch:04d}"
+        d.mkdir(parents=True)
+        metrics = {} if val is None else {"val/loss": val}
+        write_checkpoint(str(d), {"epoch": epoch, "w": torch.full((2,), float(epoch))},
+                         {"epoch": epoch, "metrics": metrics})
+    cfg = TrainConfig(name="r")
+
+    uri, state = export_checkpoint(cfg, str(run_dir))
+    assert uri.endswith("checkpoint_epoch0002") and state["epoch"] == 2
+    cfg.checkpoint.mode = "max"
+    assert export_checkpoint(cfg, str(run_dir))[1]["epoch"] == 1
+
+    cfg.checkpoint.mode = "min"
+    best = run_dir / "checkpoint_epoch0002" / CHECKPOINT_FILE
+    best.write_bytes(best.read_bytes()[:40])                              # truncated upload
+    uri, state = export_checkpoint(cfg, str(run_dir))
+    assert state["epoch"] == 3 and "checkpoint_epoch0002" in caplog.text and "unreadable" in caplog.text
+
+    for epoch in (1, 3, 4):
+        (run_dir / f"checkpoint_epoch{epoch:04d}" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="none of its 4 checkpoints is readable"):
+        export_checkpoint(cfg, str(run_dir))
