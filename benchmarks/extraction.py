@@ -13,9 +13,9 @@ data (the reference stores ~80 MB float32 per clip).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -205,13 +205,7 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":       # = python -m benchmarks.run --only extraction [--quick]
+    from benchmarks.run import main
 
-    from pipeline import runtime
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 clips instead of 24 (~3 min on 2 cores)")
-    args = parser.parse_args()
-    runtime.apply_hermetic_env()
-    print(json.dumps(run(quick=args.quick), indent=2))
+    sys.exit(main(["--only", "extraction", *sys.argv[1:]]))

@@ -1,6 +1,7 @@
 """Speed of ``reactdiff.metrics`` against a straightforward per-pair implementation.
 
-The baseline loops the way the official REACT ``metric/*.py`` do: one ``tslearn.metrics.dtw``
+The baseline (``benchmarks/official_reference.py``, also the tests' oracle) loops the way the
+official REACT ``metric/*.py`` do: one ``tslearn.metrics.dtw``
 call per (item, sample, neighbour, group) for FRDist, one ``np.corrcoef`` per channel and pair
 for FRCorr and FRSyn, ``torch.cdist``/``torch.var`` for the diversity metrics; single process.
 Both run on the same synthetic REACT-shaped inputs in one run (N items, K = 10 samples,
@@ -8,26 +9,23 @@ T = 750 frames, 3-6 appropriate neighbours per item incl. the diagonal). The slo
 timed on a subset of items and extrapolated linearly by their number of pair computations
 (stated in the output); on that subset the per-item values are compared with ours.
 
-    python -m benchmarks.metrics [--quick]     # prints one JSON object
+    python -m benchmarks.metrics [--quick]     # = python -m benchmarks.run --only metrics [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import time
 
 import numba
 import numpy as np
 import torch
-from tslearn.metrics import dtw as tslearn_dtw
-
+from benchmarks import official_reference as official
 from reactdiff import metrics
 
 FRAMES = 750
 SAMPLES = 10
-GROUPS = ((0, 15, 1 / 15), (15, 17, 1), (17, 25, 1 / 8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,79 +64,6 @@ def synthetic_inputs(n_items: int, seed: int = 0, samples: int = SAMPLES, frames
     source = listener[rng.integers(0, n, size=(n, samples))]
     pred = np.clip(source + rng.normal(0, 0.15, source.shape), 0, 1).astype(np.float32)
     return pred, listener, speaker, neighbours
-
-
-# --------------------------------------------------------------------------------------------
-# the straightforward per-pair baseline (official loops)
-
-
-def _pearson_nan_to_zero(a, b):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.cov(a, b)
-        sd = np.sqrt(np.diag(c))
-        c = c / sd[:, None] / sd[None, :]
-    return float(np.clip(np.nan_to_num(c), -1, 1)[0, 1])
-
-
-def _ccc(t, p):
-    values = []
-    for d in range(t.shape[1]):
-        cor = _pearson_nan_to_zero(t[:, d], p[:, d])
-        num = 2 * cor * np.std(t[:, d]) * np.std(p[:, d])
-        den = np.var(t[:, d]) + np.var(p[:, d]) + (np.mean(t[:, d]) - np.mean(p[:, d])) ** 2
-        values.append(num / (np.float64(den) + 1e-8))
-    return np.mean(values)
-
-
-def baseline_frcorr_rows(pred, listener, neighbours, rows):
-    out = []
-    for k in rows:
-        appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
-        out.append(sum(max(_ccc(listener[j], pred[k, i]) for j in appropriate) for i in range(pred.shape[1])))
-    return np.array(out)
-
-
-def baseline_frdist_rows(pred, listener, neighbours, rows):
-    out = []
-    for k in rows:
-        appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
-        total = 0
-        for i in range(pred.shape[1]):
-            candidates = []
-            for j in appropriate:
-                res = 0
-                for st, ed, w in GROUPS:
-                    x, y = pred[k, i].astype(np.float32), listener[j].astype(np.float32)
-                    res += w * tslearn_dtw(x[:, st:ed], y[:, st:ed])
-                candidates.append(res)
-            total += min(candidates)
-        out.append(total)
-    return np.array(out)
-
-
-def baseline_frsyn_rows(pred, speaker, rows):
-    out = []
-    for k in rows:
-        x, s = pred[k, 0], speaker[k]
-        curve = []
-        for lag in range(-49, 50):
-            xa, sb = (x[lag:], s[:-lag]) if lag > 0 else ((x[:lag], s[-lag:]) if lag < 0 else (x, s))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                r = [np.corrcoef(xa[:, d], sb[:, d])[0, 1].item() for d in range(25)]
-            curve.append(torch.mean(torch.Tensor(r)))
-        out.append(abs(49 - int(torch.argmax(torch.Tensor(curve)))))
-    return np.array(out, dtype=np.float64)
-
-
-def baseline_diversity(pred):
-    p = torch.from_numpy(pred)
-    n, k = p.shape[:2]
-    flat = p.reshape(n, k, -1)
-    frdiv = sum(torch.sum(torch.cdist(f, f) ** 2) / (k * (k - 1) * flat.shape[-1]) for f in flat) / n
-    frvar = torch.mean(torch.var(p, dim=2))
-    by_sample = flat.transpose(0, 1)
-    frdvs = torch.sum(torch.cdist(by_sample, by_sample) ** 2) / (n * (n - 1) * k) / flat.shape[-1]
-    return float(frdiv), float(frvar), float(frdvs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,29 +116,29 @@ def run(quick: bool = False) -> dict:
 
     # Compile / warm up outside the timed regions (numba kernels, tslearn's njit).
     _, warmup_s, _ = _timed(lambda: metrics.compute_all(pred[:4, :2, :80], listener[:4, :80], speaker[:4, :80], np.eye(4)))
-    baseline_frdist_rows(pred[:1, :1, :20], listener[:1, :20], np.eye(1), [0])
+    official.frdist_rows(pred[:1, :1, :20], listener[:1, :20], np.eye(1), [0])
 
     timings: dict[str, float] = {}
     ours, total_wall, total_cpu = _timed(lambda: metrics.compute_all(pred, listener, speaker, neighbours, timings=timings))
 
     frdist_ours, frdist_base, frdist_t = _paired(
         lambda: metrics.frdist_rows(pred, listener, neighbours, rows),
-        lambda: baseline_frdist_rows(pred, listener, neighbours, rows),
+        lambda: official.frdist_rows(pred, listener, neighbours, rows),
     )
     _, frdist_one_thread_s, _ = _timed(lambda: metrics.frdist_rows(pred, listener, neighbours, rows, num_threads=1))
     frcorr_ours, frcorr_base, frcorr_t = _paired(
         lambda: metrics.frcorr_rows(pred, listener, neighbours, rows),
-        lambda: baseline_frcorr_rows(pred, listener, neighbours, rows),
+        lambda: official.frcorr_rows(pred, listener, neighbours, rows),
         rounds=1,
     )
     frsyn_ours, frsyn_base, frsyn_t = _paired(
         lambda: metrics.frsyn(pred[rows], speaker[rows]),
-        lambda: baseline_frsyn_rows(pred, speaker, rows),
+        lambda: official.frsyn_rows(pred, speaker, rows),
         rounds=1,
     )
     diversity_ours, diversity_base, diversity_t = _paired(
         lambda: (metrics.frdiv(pred), metrics.frvar(pred), metrics.frdvs(pred)),
-        lambda: baseline_diversity(pred),
+        lambda: (official.frdiv(pred), official.frvar(pred), official.frdvs(pred)),
         rounds=1,
     )
 
@@ -279,11 +204,7 @@ def run(quick: bool = False) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 items, baseline on 3 items (< 2 min)")
-    print(json.dumps(run(quick=parser.parse_args().quick), indent=2))
+if __name__ == "__main__":       # = python -m benchmarks.run --only metrics [--quick]
+    from benchmarks.run import main
 
-
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["--only", "metrics", *sys.argv[1:]]))

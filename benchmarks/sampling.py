@@ -6,8 +6,7 @@ The reference evaluates by running the whole model over the test loader once per
 (one UNet call per DDIM step). Both variants run here, in the same process, on the same
 weights, so the ratio is comparable across hosts.
 
-    python -m benchmarks.sampling [--quick]       # prints JSON
-    python -m benchmarks.run --only sampling      # via the shared harness (writes results)
+    python -m benchmarks.sampling [--quick]     # = python -m benchmarks.run --only sampling [--quick]
 
 The paper preset's UNet costs ≈ 35 GFLOP per window per step (404 M parameters), i.e. ≈ 105
 TFLOP for 10 × 15 windows × 20 steps: impractical on a CPU, so on CPU it runs with fewer DDIM
@@ -18,7 +17,6 @@ Timings are the best of ``repeats`` alternating runs, which keeps them usable on
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -127,5 +125,7 @@ def run(quick: bool = False) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+if __name__ == "__main__":       # = python -m benchmarks.run --only sampling [--quick]
+    from benchmarks.run import main
+
+    sys.exit(main(["--only", "sampling", *sys.argv[1:]]))

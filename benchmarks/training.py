@@ -13,16 +13,15 @@ in-memory tensors in one process with one thread (what a CPU worker gets), so
 ``scaling_efficiency = ray items/s ÷ (workers × single-process items/s)`` shows what ingest,
 DDP and reporting cost on this host. On CUDA the paper preset is measured too (1 GPU worker).
 
-    python -m benchmarks.training [--quick]       # prints JSON
-    python -m benchmarks.run --only training      # via the shared harness
+    python -m benchmarks.training [--quick]     # = python -m benchmarks.run --only training [--quick]
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -170,13 +169,7 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":       # = python -m benchmarks.run --only training [--quick]
+    from benchmarks.run import main
 
-    from pipeline import runtime
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="12 train clips of 250 frames, 3 epochs (~2-3 min on 2 cores)")
-    args = parser.parse_args()
-    runtime.apply_hermetic_env()
-    print(json.dumps(run(quick=args.quick), indent=2))
+    sys.exit(main(["--only", "training", *sys.argv[1:]]))

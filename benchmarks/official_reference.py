@@ -1,8 +1,10 @@
-"""Straightforward per-pair implementations of the official REACT metrics (test oracle).
+"""Straightforward per-pair implementations of the official REACT metrics.
 
 Written from the specification in shared/reference/metrics.md (§2-7), looping over items,
 samples and neighbours the way the official ``metric/*.py`` do, with ``np.corrcoef``-style
 statistics, ``tslearn.metrics.dtw`` and ``torch.cdist``/``torch.var``. Slow; small inputs only.
+The one reference for both the test oracle (tests/metrics) and the speed baseline
+(benchmarks/metrics.py); ``*_rows`` functions score a subset of items.
 """
 
 from __future__ import annotations
@@ -37,20 +39,30 @@ def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def frcorr(pred, listener, neighbours) -> float:
+def _rows(n_items: int, rows) -> list[int]:
+    return list(range(n_items)) if rows is None else [int(k) for k in rows]
+
+
+def frcorr_rows(pred, listener, neighbours, rows=None) -> list[float]:
+    """Per item: sum over samples of the best CCC with an appropriate real reaction (FRC.py)."""
     per_item = []
-    for k in range(pred.shape[0]):
+    for k in _rows(pred.shape[0], rows):
         appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
         total = 0
         for i in range(pred.shape[1]):
             total += max(ccc(listener[j], pred[k, i]) for j in appropriate)
         per_item.append(total)
-    return float(np.mean(per_item))
+    return per_item
 
 
-def frdist_per_item(pred, listener, neighbours) -> list[float]:
+def frcorr(pred, listener, neighbours) -> float:
+    return float(np.mean(frcorr_rows(pred, listener, neighbours)))
+
+
+def frdist_rows(pred, listener, neighbours, rows=None) -> list[float]:
+    """Per item: sum over samples of the smallest weighted DTW to an appropriate reaction (FRD.py)."""
     per_item = []
-    for k in range(pred.shape[0]):
+    for k in _rows(pred.shape[0], rows):
         appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
         total = 0
         for i in range(pred.shape[1]):
@@ -68,7 +80,7 @@ def frdist_per_item(pred, listener, neighbours) -> list[float]:
 
 
 def frdist(pred, listener, neighbours) -> float:
-    return float(np.mean(frdist_per_item(pred, listener, neighbours)))
+    return float(np.mean(frdist_rows(pred, listener, neighbours)))
 
 
 def frdiv(pred) -> float:
@@ -116,11 +128,16 @@ def best_lag_offset(x: np.ndarray, s: np.ndarray) -> int:
     return abs(int(len(curve) // 2 - torch.argmax(torch.Tensor(curve))))
 
 
-def frsyn(pred, speaker, all_samples: bool = False) -> float:
+def frsyn_rows(pred, speaker, rows=None, all_samples: bool = False) -> list[int]:
+    """Per (item, sample) in order: |best lag offset| against the item's speaker (TLCC.py)."""
     pred = np.asarray(pred, dtype=np.float32)
     speaker = np.asarray(speaker, dtype=np.float32)
     offsets = []
-    for k in range(pred.shape[0]):
+    for k in _rows(pred.shape[0], rows):
         for i in range(pred.shape[1] if all_samples else 1):
             offsets.append(best_lag_offset(pred[k, i], speaker[k]))
-    return torch.mean(torch.Tensor(offsets)).item()
+    return offsets
+
+
+def frsyn(pred, speaker, all_samples: bool = False) -> float:
+    return torch.mean(torch.Tensor(frsyn_rows(pred, speaker, all_samples=all_samples))).item()
