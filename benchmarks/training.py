@@ -57,7 +57,7 @@ def _config(stage: str, snapshot: str, work: str, preset: str, epochs: int, batc
 
 
 def _history(run_dir: str) -> list[dict]:
-    from pipeline.train import checkpoint_metas
+    from pipeline.checkpoints import checkpoint_metas
 
     return checkpoint_metas(run_dir)[-1][1]["history"]
 
@@ -67,7 +67,7 @@ def _single_process_items_per_s(stage: str, gen_file: str, batch: int, steps: in
     import torch
 
     from pipeline.registry import load_generator_file
-    from pipeline.train import latent_diffusion_loss
+    from pipeline.train_loop import latent_diffusion_loss
     from reactdiff.generator import ReactDiffGenerator
     from reactdiff.training import make_optimizer
 

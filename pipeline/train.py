@@ -5,6 +5,12 @@
     python -m jobs.train --stage diffusion --features s3://…/snap --set scaling.num_workers=8 \
         --set scaling.use_gpu=true --set preset=paper                     # under `ray job submit`
 
+This module is the driver: ``train()`` opens the snapshot, creates or reopens the MLflow run,
+builds the datasets, runs the TorchTrainer, then exports and registers. The rest lives in
+pipeline.train_loop (what every Ray Train worker runs), pipeline.train_config (TrainConfig, its
+settings and TrainError, re-exported here), pipeline.checkpoints (a run's checkpoint files) and
+pipeline.latent_pairs (stage 2's encoded pairs).
+
 The data flows as the paper's two stages (model.md §8):
 
   stage 1  snapshot clips/train ─ Snapshot.clips_dataset(only the model's columns) ─ crop ─
@@ -19,167 +25,60 @@ The data flows as the paper's two stages (model.md §8):
            on val pairs + REACT metrics on the first val items (rank 0) → generator.pt →
            MLflow model → registry version with alias ``challenger`` (from the driver).
 
-Why pre-encode the pairs: stage 1 is frozen and its encoder is deterministic (no dropout; μ
-for a variational one), so a latent computed once is exactly the latent every epoch would
-compute; the encoder (121 M parameters over 26 k-wide inputs in the paper preset) then runs
-once per clip instead of twice per item per epoch, and each epoch streams 2 × [T, fd] floats
-per item instead of 2 × the raw features. No join is needed (Ray Data's needs polars): the
-snapshot stores one Parquet file per clip, so a batch of items reads exactly its clips
-(``Snapshot.load_clips``), never a whole split in one process. The pairs are cached in the
-run folder (marker with the autoencoder's digest), so a resume does not re-encode.
+Why pre-encode the pairs (pipeline.latent_pairs): stage 1 is frozen and its encoder is
+deterministic (no dropout; μ for a variational one), so a latent computed once is exactly the
+latent every epoch would compute; the encoder (121 M parameters over 26 k-wide inputs in the
+paper preset) then runs once per clip instead of twice per item per epoch, and each epoch
+streams 2 × [T, fd] floats per item instead of 2 × the raw features. No join is needed (Ray
+Data's needs polars): the snapshot stores one Parquet file per clip, so a batch of items reads
+exactly its clips (``Snapshot.load_clips``), never a whole split in one process. The pairs are
+cached in the run folder (marker with the autoencoder's digest), so a resume does not re-encode.
 
 Resume semantics (Ray Train V2 has no ``Trainer.restore``): a run is identified by
-``RunConfig(name, storage_path)``. Every checkpoint holds model, EMA, optimiser, epoch, step,
-the per-epoch metric history, the MLflow run id, the config and the snapshot id. A worker
-failure restarts the worker group from the latest checkpoint (``FailureConfig.max_failures``);
-re-running the same command (same name) continues where it stopped; a finished run starts no
-workers and only re-exports (idempotent: no second registry version). MLflow receives an epoch's metrics once the checkpoint that covers it is
-persisted, and only for epochs it does not hold yet — so a restart neither duplicates nor
-loses an epoch in the metric history.
+``RunConfig(name, storage_path)``. Every checkpoint (pipeline.checkpoints) holds model, EMA,
+optimiser, epoch, step, the per-epoch metric history, the MLflow run id, the config and the
+snapshot id. A worker failure restarts the worker group from the latest checkpoint
+(``FailureConfig.max_failures``); re-running the same command (same name) continues where it
+stopped; a finished run starts no workers and only re-exports (idempotent: no second registry
+version). MLflow receives an epoch's metrics once the checkpoint that covers it is persisted,
+and only for epochs it does not hold yet — so a restart neither duplicates nor loses an epoch in
+the metric history.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import yaml
 
 from pipeline import storage, tracking
-from pipeline.config import ConfigError, flatten, from_dict, to_dict
+from pipeline.checkpoints import checkpoint_metas, export_checkpoint, generator_from_state, previous_meta
+from pipeline.config import flatten, to_dict
+from pipeline.latent_pairs import pairs_dataset, prepare_latent_pairs
+from pipeline.train_config import (CheckpointSettings, DataSettings, DebugSettings, MLflowSettings, ScalingSettings,
+                                   StageSettings, TrainConfig, TrainError, ValidationSettings, resolved_settings)
+# train_loop takes its config from train_config and never imports this module: no import cycle.
+from pipeline.train_loop import train_loop_per_worker
+
+__all__ = ["train", "TrainConfig", "TrainResult", "TrainError", "StageSettings", "ScalingSettings",
+           "CheckpointSettings", "ValidationSettings", "DataSettings", "MLflowSettings", "DebugSettings",
+           "default_name"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("autoencoder", "diffusion")
-CHECKPOINT_FILE = "checkpoint.pt"
-META_FILE = "meta.json"
 PAIRS_DIR = "latent_pairs"
-PAIRS_MARKER = "_SUCCESS.json"
 OUTPUT_FILE = {"autoencoder": "autoencoder.pt", "diffusion": "generator.pt"}
 LABELS = ("emotion", "tdmm")
 TAG = tracking.TAG_PREFIX
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or finish; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration (jobs/configs/train.yaml)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class StageSettings:
-    """Optimisation of one stage; ``None`` = the generator preset's value (reference settings)."""
-
-    epochs: int | None = None
-    batch_size: int | None = None        # clips (stage 1) / directed items (stage 2) per worker and step
-    lr: float | None = None
-    weight_decay: float | None = None
-    ema_decay: float | None = None
-    grad_clip: float | None = 1.0        # max global grad norm; null = no clipping (reference)
-
-
-@dataclass
-class ScalingSettings:
-    num_workers: int = 2
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None   # default: 1 CPU (+ 1 GPU with use_gpu)
-
-
-@dataclass
-class CheckpointSettings:
-    every: int = 1                       # epochs between checkpoints (the last epoch always is one)
-    num_to_keep: int | None = 2
-    metric: str | None = "val/loss"      # score of the "best" checkpoint, which is exported; null = latest
-    mode: Literal["min", "max"] = "min"
-
-
-@dataclass
-class ValidationSettings:
-    every: int = 1                       # epochs between validations (checkpoint epochs always validate)
-    react_metrics: bool = True           # stage 2: REACT metrics on the first val items (rank 0)
-    max_items: int = 8
-    samples: int = 2
-    steps: int | None = None             # sampler steps for those metrics (null = all)
-    plot_every: int = 5                  # sample-reaction plot every N checkpoints (+ the last epoch)
-
-
-@dataclass
-class DataSettings:
-    prefetch_batches: int = 2
-    shuffle_buffer: int = 16             # rows in the local shuffle buffer of each worker (0 = off)
-    encode_batch_size: int = 8           # stage 2: items per latent-encoding batch
-    encode_actors: int = 0               # stage 2: encoding actors (0 = num_workers)
-
-
-@dataclass
-class MLflowSettings:
-    tracking_uri: str | None = None      # null: $MLFLOW_TRACKING_URI, else the workspace sqlite
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    register: bool = True                # stage 2: register the generator
-    model_name: str = "reactdiff"
-    alias: str = "challenger"
-
-
-@dataclass
-class DebugSettings:
-    fail_at_epoch: int | None = None     # rank ``fail_rank`` raises once at the start of this epoch
-    fail_rank: int = 1
-
-
-@dataclass
-class TrainConfig:
-    stage: Literal["autoencoder", "diffusion"] = "autoencoder"
-    features: str = "latest"             # snapshot URI, id under the workspace snapshots, or "latest"
-    preset: str = "small"                # generator preset (reactdiff.presets)
-    model: dict[str, Any] = field(default_factory=dict)   # build_generator overrides, e.g. {seq_len: 100}
-    autoencoder: str | None = None       # stage 2: stage-1 file/URI or MLflow run id; null = newest for the snapshot
-    name: str | None = None              # Ray Train run name = MLflow run name; same name = resume
-    storage_path: str | None = None      # local or s3://; null = the workspace checkpoints
-    seed: int = 6
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
-    max_failures: int = 2
-    ray_address: str | None = None
-    stage1: StageSettings = field(default_factory=StageSettings)
-    stage2: StageSettings = field(default_factory=StageSettings)
-    scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
-    validation: ValidationSettings = field(default_factory=ValidationSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
-    debug: DebugSettings = field(default_factory=DebugSettings)
-
-    def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage: must be one of {list(STAGES)}, got {self.stage!r}")
-        if self.scaling.num_workers < 1:
-            raise ConfigError("scaling.num_workers: must be ≥ 1")
-        for key, value in (("checkpoint.every", self.checkpoint.every), ("validation.every", self.validation.every)):
-            if value < 1:
-                raise ConfigError(f"{key}: must be ≥ 1")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ConfigError(f"name: {self.name!r} may hold only letters, digits, '.', '_' and '-'")
-        if self.stage == "diffusion":
-            bad = sorted(set(self.model) - {"denoiser", "diffusion", "stage2", "model_channels", "channel_mult",
-                                            "num_res_blocks", "attention_resolutions", "cond_dim"})
-            if bad:
-                raise ConfigError(f"model.{bad[0]}: stage 2 keeps the stage-1 model as trained; only "
-                                  "denoiser/diffusion/stage2 options may change")
-
-    @property
-    def settings(self) -> StageSettings:
-        return self.stage1 if self.stage == "autoencoder" else self.stage2
 
 
 @dataclass
@@ -197,112 +96,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def resolved_settings(cfg: TrainConfig, generator_config) -> dict[str, Any]:
-    """The stage's TrainSettings: preset values overridden by the non-null config values."""
-    preset = generator_config.stage1 if cfg.stage == "autoencoder" else generator_config.stage2
-    out = dataclasses.asdict(preset)
-    out["betas"] = list(out["betas"])
-    out["grad_clip"] = cfg.settings.grad_clip
-    for key in ("epochs", "batch_size", "lr", "weight_decay", "ema_decay"):
-        value = getattr(cfg.settings, key)
-        if value is not None:
-            out[key] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors, loaded with weights_only=True
-# ---------------------------------------------------------------------------------------------
-
-def write_checkpoint(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    import torch
-
-    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
-
-
-def read_checkpoint(directory: str, map_location="cpu") -> dict[str, Any]:
-    """The state dict of a checkpoint directory (``torch.load(weights_only=True)``)."""
-    import torch
-
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=map_location, weights_only=True)
-
-
-def restore_state(checkpoint, run_dir: str) -> dict[str, Any] | None:
-    """The state to resume from: Ray's latest checkpoint, or — when its file is unreadable
-    (truncated upload, disk error) — the newest previous complete checkpoint of the run."""
-    if checkpoint is None:
-        return None
-    name = os.path.basename(str(checkpoint.path).rstrip("/"))
-    try:
-        with checkpoint.as_directory() as d:
-            return read_checkpoint(d, map_location="cpu")
-    except Exception as exc:        # noqa: BLE001 - any unreadable file: fall back, naming it
-        bad = storage.redact(storage.join(run_dir, name, CHECKPOINT_FILE))
-        log.error("checkpoint %s is unreadable (%s: %s); resuming from the previous checkpoint",
-                  bad, type(exc).__name__, " ".join(str(exc).split())[:200])
-    for uri, _ in reversed(checkpoint_metas(run_dir)):
-        if os.path.basename(uri.rstrip("/")) == name:
-            continue
-        try:
-            state = load_checkpoint_uri(uri)
-        except Exception as exc:    # noqa: BLE001
-            log.error("previous checkpoint %s is unreadable too (%s)", storage.redact(uri), type(exc).__name__)
-            continue
-        log.warning("resuming from the previous checkpoint %s (epoch %s)", storage.redact(uri), state.get("epoch"))
-        return state
-    raise TrainError(f"checkpoint {bad} is unreadable and run {os.path.basename(run_dir)} has no other readable "
-                     "checkpoint; start a new run with --set name=<new name>")
-
-
-def generator_from_state(state: dict[str, Any], *, ema: bool = True):
-    """The ReactDiffGenerator a checkpoint holds, with its EMA weights (what is validated/exported)."""
-    import torch
-
-    from reactdiff.generator import GeneratorConfig, ReactDiffGenerator
-
-    with torch.device("meta"):
-        gen = ReactDiffGenerator(GeneratorConfig.from_dict(state["generator_config"]))
-    gen.load_state_dict(state["model"], assign=True)
-    if ema:
-        params = dict(gen.named_parameters())
-        with torch.no_grad():
-            for name, value in state["ema"]["shadow"].items():
-                params[name].copy_(value.to(params[name].dtype))
-    gen.metadata = dict(state.get("metadata") or {})
-    gen.eval()
-    return gen
-
-
-def generator_from_checkpoint(checkpoint, *, ema: bool = True):
-    """A ``ray.train.Checkpoint`` or a local checkpoint directory → ReactDiffGenerator."""
-    if hasattr(checkpoint, "as_directory"):      # (a Checkpoint is os.PathLike but refuses fspath)
-        with checkpoint.as_directory() as d:
-            return generator_from_state(read_checkpoint(d), ema=ema)
-    return generator_from_state(read_checkpoint(os.fspath(checkpoint)), ema=ema)
-
-
-def _checkpoint_dirs(run_dir: str) -> list[str]:
-    return sorted(n for n in storage.listdir(run_dir) if n.startswith("checkpoint_epoch"))
-
-
-def previous_meta(run_dir: str) -> dict[str, Any] | None:
-    """meta.json of the newest complete checkpoint of a run (None for a new run)."""
-    metas = checkpoint_metas(run_dir)
-    return metas[-1][1] if metas else None
-
-
-def checkpoint_metas(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """(checkpoint URI, meta.json) of every complete checkpoint of a run, oldest first."""
-    out = []
-    for name in _checkpoint_dirs(run_dir):
-        uri = storage.join(run_dir, name)
-        if storage.exists(storage.join(uri, META_FILE)) and storage.exists(storage.join(uri, CHECKPOINT_FILE)):
-            out.append((uri, storage.read_json(storage.join(uri, META_FILE))))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,111 +126,6 @@ def clip_dataset(snapshot, split: str, columns: list[str], seq_len: int):
     ds = snapshot.clips_dataset(columns, splits=[split], dtype=None, ordered=False)
     return ds.map_batches(_CropFrames(columns, seq_len), batch_format="numpy")
 
-
-class LatentPairEncoder:
-    """Ray Data actor: directed items → (speaker latent, listener latent) with the frozen stage 1."""
-
-    def __init__(self, snapshot_uri: str, autoencoder_uri: str, batch_size: int):
-        import torch
-
-        from pipeline.registry import load_generator_file
-        from pipeline.snapshot import Snapshot
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.snapshot = Snapshot.open(snapshot_uri)
-        self.gen = load_generator_file(autoencoder_uri, map_location=self.device).eval()
-        self.columns = list(self.gen.feature_widths)
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        clip_ids = sorted(set(batch["speaker"].tolist()) | set(batch["listener"].tolist()))
-        clips = self.snapshot.load_clips(clip_ids, self.columns)
-        latents: dict[str, np.ndarray] = {}
-        with torch.no_grad():
-            for i in range(0, len(clip_ids), self.batch_size):
-                ids = clip_ids[i:i + self.batch_size]
-                feats = {c: torch.from_numpy(np.stack([clips[k][c][: self.gen.config.seq_len] for k in ids]))
-                         for c in self.columns}
-                z = self.gen.encode(feats).float().cpu().numpy()
-                latents.update(zip(ids, z))
-        return {"item": batch["item"], "speaker": batch["speaker"], "listener": batch["listener"],
-                "speaker_latent": np.stack([latents[s] for s in batch["speaker"]]),
-                "listener_latent": np.stack([latents[s] for s in batch["listener"]])}
-
-
-def _file_digest(uri: str) -> str:
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
-
-
-def prepare_latent_pairs(snapshot, split: str, autoencoder_uri: str, out_uri: str, *,
-                         batch_size: int = 8, actors: int = 1, use_gpu: bool = False) -> tuple[str, int]:
-    """Encode every directed item of ``split`` once into ``out_uri`` (Parquet); reused when complete.
-
-    Items are ordered by dyad so an item and its mirror share a batch (each clip encoded once).
-    Written under ``out_uri`` with the marker last; an incomplete folder is wiped and redone.
-    """
-    import ray.data
-
-    digest = _file_digest(autoencoder_uri)
-    items = snapshot.items(split)
-    marker_uri = storage.join(out_uri, PAIRS_MARKER)
-    if storage.exists(marker_uri):
-        marker = storage.read_json(marker_uri)
-        if marker.get("autoencoder_digest") == digest and marker.get("items") == len(items):
-            log.info("latent pairs for %s already encoded at %s", split, out_uri)
-            return out_uri, len(items)
-    storage.remove(out_uri)
-    if not items:
-        raise TrainError(f"snapshot {snapshot.id} has no {split} items")
-    rows = sorted(({"item": int(i.index), "speaker": i.speaker, "listener": i.listener} for i in items),
-                  key=lambda r: (min(r["speaker"], r["listener"]), max(r["speaker"], r["listener"]), r["item"]))
-    t0 = time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / (2 * batch_size))))
-    ds = ds.map_batches(LatentPairEncoder, fn_constructor_args=(snapshot.uri, autoencoder_uri, batch_size),
-                        batch_size=2 * batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-                        num_gpus=1 if use_gpu else 0)
-    fs, path = storage.arrow_filesystem(out_uri)
-    storage.makedirs(out_uri)
-    ds.write_parquet(path, filesystem=fs)
-    storage.write_json(marker_uri, {"autoencoder_uri": autoencoder_uri, "autoencoder_digest": digest,
-                                    "items": len(items), "split": split, "snapshot": snapshot.id,
-                                    "seconds": round(time.perf_counter() - t0, 2)})
-    log.info("encoded %d %s items into latent pairs in %.1fs", len(items), split, time.perf_counter() - t0)
-    return out_uri, len(items)
-
-
-def _read_pair_files(batch, root: str):
-    """Ray Data UDF: read whole latent-pair Parquet files (the two latent columns only)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  (registers Ray's tensor extension type with pyarrow)
-
-    fs, base = storage.arrow_filesystem(root)
-    tables = [pq.read_table(f"{base.rstrip('/')}/{rel}", columns=["speaker_latent", "listener_latent"],
-                            filesystem=fs) for rel in batch.column("file").to_pylist()]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def pairs_dataset(uri: str):
-    """The latent pairs as a Ray Dataset, one block per file.
-
-    The file list is taken once here, so each epoch re-reads the files without
-    ``read_parquet``'s per-execution listing and footer-reading tasks (seconds per epoch on a
-    small machine — more than a small epoch's compute).
-    """
-    import ray.data
-
-    files = [{"file": f} for f in storage.walk_files(uri, ".parquet")]
-    if not files:
-        raise TrainError(f"no latent-pair files under {storage.redact(uri)}")
-    ds = ray.data.from_items(files, override_num_blocks=len(files))
-    return ds.map_batches(_read_pair_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"root": uri})
-
-
 def _sharding_config():
     """DataConfig: the train set in equal shards, val/stats in uneven shards with every row.
 
@@ -463,351 +151,6 @@ def _sharding_config():
             return out
 
     return ShardingDataConfig()
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop (every worker)
-# ---------------------------------------------------------------------------------------------
-
-def latent_diffusion_loss(gen, z_speaker, z_listener, generator=None):
-    """Stage-2 ε-loss from pre-encoded stage-1 latents (= ReactDiffGenerator.diffusion_loss after
-    its frozen encode): normalise, window, condition on the speaker window, 10·L1 on ε."""
-    own = getattr(gen, "latent_diffusion_loss", None)
-    if callable(own):
-        return own(z_speaker, z_listener, generator=generator)
-    from reactdiff.diffusion import epsilon_loss
-
-    p_s = gen.latent_stats.normalize(z_speaker)
-    p_l = gen.latent_stats.normalize(z_listener)
-    d = gen.config.diffusion
-    return epsilon_loss(gen.denoiser, gen.to_windows(p_l), gen.schedule, gen.cond(gen.to_windows(p_s)),
-                        loss=d.loss, weight=d.loss_weight, generator=generator)
-
-
-def _objective(gen, stage: str):
-    """One nn.Module whose forward is the stage loss, so DDP's gradient hooks see every step."""
-    from torch import nn
-
-    class StageObjective(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.generator = gen
-
-        def forward(self, batch: dict, generator=None):
-            g = self.generator
-            if stage == "autoencoder":
-                feats = {n: batch[n].float() for n in g.feature_widths}
-                return g.autoencoder_loss(feats, batch["emotion"].float(), batch["tdmm"].float())
-            return latent_diffusion_loss(g, batch["speaker_latent"].float(), batch["listener_latent"].float(),
-                                         generator=generator)
-
-    return StageObjective()
-
-
-def _all_reduce(values: dict[str, float], device, op: str = "sum") -> dict[str, float]:
-    import torch
-    import torch.distributed as dist
-
-    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return dict(zip(keys, t.tolist()))
-
-
-def _maybe_inject_failure(cfg: TrainConfig, run_dir: str, epoch: int, rank: int, world: int) -> None:
-    """Test hook: rank ``fail_rank`` raises once at ``fail_at_epoch`` (a marker file makes it once)."""
-    if cfg.debug.fail_at_epoch != epoch or rank != cfg.debug.fail_rank % world:
-        return
-    marker = storage.join(run_dir, "_debug", f"failed_at_epoch{epoch:04d}")
-    if storage.exists(marker):
-        return
-    storage.write_text(marker, f"rank {rank} failed on purpose at epoch {epoch}\n")
-    raise RuntimeError(f"injected failure (debug.fail_at_epoch={epoch}) on rank {rank}")
-
-
-def _train_epoch(model, gen, optimizer, ema, params, shard, ts: dict, loop: dict, device, bf16: bool):
-    import torch
-
-    cfg = loop["config"]
-    it = iter(shard.iter_torch_batches(batch_size=loop["batch_size"], drop_last=True,
-                                       prefetch_batches=cfg["data"]["prefetch_batches"],
-                                       local_shuffle_buffer_size=cfg["data"]["shuffle_buffer"] or None))
-    gen.train()
-    sums: dict[str, Any] = {}
-    items = steps = 0
-    wait = first = 0.0
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - t0
-        if steps == 0:
-            first = wait                  # pipeline start-up of this epoch (read, decode, split)
-        n = next(iter(batch.values())).shape[0]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, parts = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if ts["grad_clip"]:
-            norm = torch.nn.utils.clip_grad_norm_(params, ts["grad_clip"])
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float() * n
-        optimizer.step()
-        ema.update(gen)
-        for k, v in {"loss": loss, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() * n
-        items += n
-        steps += 1
-    elapsed = time.perf_counter() - start
-    local = {k: float(v) for k, v in sums.items()}
-    red = _all_reduce({**local, "_items": items, "_steps": steps, "_wait": wait, "_first": first,
-                       "_elapsed": elapsed}, device)
-    world = max(1, loop["world_size"])
-    total = max(1.0, red["_items"])
-    out = {f"train/{k}": red[k] / total for k in local}
-    out.update({"train/items": red["_items"], "train/steps": red["_steps"] / world,
-                "time/train_s": red["_elapsed"] / world,
-                "time/data_wait_fraction": red["_wait"] / max(red["_elapsed"], 1e-9),
-                "time/first_batch_s": red["_first"] / world,
-                "time/data_wait_fraction_steady": (red["_wait"] - red["_first"])
-                / max(red["_elapsed"] - red["_first"], 1e-9),
-                "throughput/items_per_s": red["_items"] / max(red["_elapsed"] / world, 1e-9)})
-    return out
-
-
-def _validate(model, gen, shard, loop: dict, device, epoch: int) -> dict[str, float]:
-    import torch
-
-    gen.eval()
-    sums: dict[str, float] = {}
-    items = 0
-    rng = torch.Generator(device=device).manual_seed(loop["config"]["seed"] * 1000 + loop["rank"])
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=loop["batch_size"],
-                                              prefetch_batches=loop["config"]["data"]["prefetch_batches"]):
-            n = next(iter(batch.values())).shape[0]
-            loss, parts = model.module(batch, generator=rng) if hasattr(model, "module") else model(batch, generator=rng)
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            items += n
-    red = _all_reduce({**{k: sums.get(k, 0.0) for k in loop["loss_keys"]}, "_items": items}, device)
-    gen.train()
-    if red["_items"] == 0:
-        return {}
-    return {f"val/{k}": red[k] / red["_items"] for k in loop["loss_keys"]}
-
-
-def _latent_statistics(gen, shard, loop: dict, device) -> int:
-    """Per-frame min/max of the train latents: each worker its shard, then all-reduce MIN/MAX."""
-    import torch
-    import torch.distributed as dist
-
-    gen.eval()
-    gen.latent_stats.reset()
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=loop["batch_size"]):
-            gen.update_statistics({n: batch[n].float() for n in gen.feature_widths})
-    stats = gen.latent_stats
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats.minimum, op=dist.ReduceOp.MIN)
-        dist.all_reduce(stats.maximum, op=dist.ReduceOp.MAX)
-        dist.all_reduce(stats.count, op=dist.ReduceOp.SUM)
-    gen.train()
-    return int(stats.count)
-
-
-class _RankZeroValidation:
-    """Rank 0's small extras: REACT metrics on the first val items (stage 2) and sample plots."""
-
-    def __init__(self, loop: dict, device):
-        from pipeline.snapshot import Snapshot
-
-        self.loop, self.device = loop, device
-        self.vcfg = loop["config"]["validation"]
-        self.snapshot = Snapshot.open(loop["snapshot_uri"])
-        self.subset = loop.get("val_subset")
-        self._data = None
-
-    def _load(self, widths):
-        if self._data is None:
-            s = self.subset
-            ids = sorted(set(s["speakers"]) | set(s["listeners"]))
-            clips = self.snapshot.load_clips(ids, list(widths) + ["emotion"])
-            self._data = clips
-        return self._data
-
-    def run(self, gen, epoch: int, plot: bool) -> tuple[dict[str, float], Any]:
-        import torch
-
-        if not self.subset:
-            return {}, None
-        seq_len = gen.config.seq_len
-        clips = self._load(gen.feature_widths)
-        s = self.subset
-        speakers, listeners = s["speakers"], s["listeners"]
-        gen.eval()
-        with torch.no_grad():
-            feats = {n: torch.from_numpy(np.stack([clips[k][n][:seq_len] for k in speakers])).to(self.device)
-                     for n in gen.feature_widths}
-            if self.loop["stage"] == "autoencoder":
-                emotion, _ = gen.decode(gen.encode(feats))
-                pred = emotion[:, None].float().cpu().numpy()
-            else:
-                pred = gen.generate(feats, num_samples=self.vcfg["samples"], seed=self.loop["config"]["seed"],
-                                    steps=self.vcfg["steps"]).emotion.float().cpu().numpy()
-        gen.train()
-        listener = np.stack([clips[k]["emotion"][:seq_len] for k in listeners])
-        speaker = np.stack([clips[k]["emotion"][:seq_len] for k in speakers])
-        metrics: dict[str, float] = {}
-        if self.loop["stage"] == "diffusion" and self.vcfg["react_metrics"]:
-            metrics = _react_metrics(pred, listener, speaker, np.asarray(s["neighbours"]))
-        fig = None
-        if plot:
-            first = speakers[0]
-            if self.loop["stage"] == "autoencoder":
-                fig = tracking.reaction_figure(pred[0], speaker[0], labels=("reconstructed", "real", ""),
-                                               title=f"stage 1 reconstruction, val clip {first}, epoch {epoch}")
-            else:
-                fig = tracking.reaction_figure(pred[0], listener[0], speaker[0],
-                                               title=f"generated reactions to val speaker {first}, epoch {epoch}")
-        return metrics, fig
-
-
-def _react_metrics(pred, listener, speaker, neighbours) -> dict[str, float]:
-    """Official REACT metrics (pipeline.evaluate.score, same functions as evaluation) on a subset."""
-    try:
-        from pipeline.evaluate import score
-
-        metrics, _ = score(pred, listener, speaker, neighbours, distributed=False)
-    except ImportError as exc:       # the metrics module is optional at training time
-        log.warning("REACT metrics unavailable (%s); validation reports losses only", exc)
-        return {}
-    return {f"val/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-
-
-def train_loop_per_worker(loop: dict) -> None:
-    """Ray Train V2 worker: build/restore, train epochs, validate, checkpoint, report, log (rank 0)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from reactdiff.generator import GeneratorConfig, ReactDiffGenerator
-    from reactdiff.training import EMA, TrainSettings, make_optimizer
-
-    cfg = from_dict(TrainConfig, loop["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loop = {**loop, "rank": rank, "world_size": world}
-    device = ray.train.torch.get_device()
-    bf16 = loop["precision"] == "bf16" and device.type == "cuda"
-    torch.manual_seed(cfg.seed)      # identical initialisation on every rank (DDP also broadcasts)
-    stage, ts = cfg.stage, loop["settings"]
-
-    # -- resume state (read first: a resumed run keeps the model it was built with) ---------------
-    state = restore_state(ray.train.get_checkpoint(), loop["run_dir"])
-    gen_config = state["generator_config"] if state else loop["generator_config"]
-
-    # -- model: a fresh generator (stage 1) or the frozen stage 1 + a fresh stage 2 -----------------
-    gen = ReactDiffGenerator(GeneratorConfig.from_dict(gen_config))
-    if state is None and stage == "diffusion":
-        from pipeline.registry import load_generator_file
-
-        trained = load_generator_file(loop["autoencoder_uri"])
-        own = gen.state_dict()
-        gen.load_state_dict({k: v for k, v in trained.state_dict().items()
-                             if not k.startswith(("cond.", "denoiser.")) and k in own}, strict=False)
-    elif state is None and loop.get("mean_face") is not None:
-        gen.set_mean_face(np.asarray(loop["mean_face"], dtype=np.float32))
-    if state is not None:
-        try:
-            gen.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise TrainError(f"checkpoint of run {cfg.name} does not fit the model code of this version "
-                             f"({str(exc)[:300]}…); start a new run with --set name=<new name>") from None
-    gen.metadata = dict(loop["metadata"])
-    gen.to(device)
-    params = gen.set_trainable(stage)
-    settings = TrainSettings(**{k: v for k, v in ts.items() if k in {f.name for f in dataclasses.fields(TrainSettings)}})
-    optimizer = make_optimizer(params, settings)
-    ema = EMA(gen, settings.ema_decay)
-    torch.manual_seed(cfg.seed + 1 + rank)   # different noise/dropout per rank from here on
-
-    epoch0, step, history = 0, 0, []
-    run_id = loop["mlflow_run_id"]
-    if state is not None:
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch0, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        run_id = state.get("mlflow_run_id") or run_id
-        del state
-        if rank == 0:
-            log.info("resumed %s from epoch %d (step %d)", cfg.name, epoch0, step)
-    model = ray.train.torch.prepare_model(_objective(gen, stage), move_to_device=False,
-                                          parallel_strategy_kwargs={"forward_sync_buffers": False})
-
-    logger = tracking.EpochLogger(run_id, loop["tracking_uri"]) if rank == 0 and run_id else None
-    if logger is not None and history:
-        logger.log_history(history)       # epochs checkpointed before a crash but not yet in MLflow
-    extras = _RankZeroValidation(loop, device) if rank == 0 else None
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    stats_shard = ray.train.get_dataset_shard("stats") if stage == "autoencoder" else None
-    epochs = int(ts["epochs"])
-    for epoch in range(epoch0 + 1, epochs + 1):
-        _maybe_inject_failure(cfg, loop["run_dir"], epoch, rank, world)
-        t_epoch = time.perf_counter()
-        row: dict[str, float] = {tracking.EPOCH_METRIC: epoch}
-        row.update(_train_epoch(model, gen, optimizer, ema, params, train_shard, ts, loop, device, bf16))
-        step += int(row["train/steps"])
-        is_checkpoint = epoch % cfg.checkpoint.every == 0 or epoch == epochs
-        figure = None
-        if is_checkpoint or epoch % cfg.validation.every == 0:
-            t_val = time.perf_counter()
-            with ema.average_parameters(gen):
-                row.update(_validate(model, gen, val_shard, loop, device, epoch))
-                if extras is not None:      # plots go to MLflow with their checkpoint
-                    nth = epoch // cfg.checkpoint.every
-                    plot = is_checkpoint and (epoch == epochs or (nth - 1) % max(1, cfg.validation.plot_every) == 0)
-                    metrics, figure = extras.run(gen, epoch, plot)
-                    row.update(metrics)
-            row["time/val_s"] = time.perf_counter() - t_val
-        if is_checkpoint and stage == "autoencoder":
-            t_stats = time.perf_counter()
-            with ema.average_parameters(gen):       # statistics of the weights that are exported
-                row["stats/clips"] = _latent_statistics(gen, stats_shard, loop, device)
-            row["time/stats_s"] = time.perf_counter() - t_stats
-        row["time/epoch_s"] = time.perf_counter() - t_epoch
-        history.append(row)
-        metrics = {**row, "step": step}
-        if not is_checkpoint:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                state = {"model": gen.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "step": step, "history": history, "mlflow_run_id": run_id,
-                         "generator_config": gen.config.to_dict(), "metadata": dict(gen.metadata),
-                         "config": loop["config"], "stage": stage, "snapshot_id": loop["snapshot_id"],
-                         "autoencoder_uri": loop.get("autoencoder_uri")}
-                write_checkpoint(tmp, state, {"epoch": epoch, "step": step, "stage": stage, "mlflow_run_id": run_id,
-                                              "snapshot_id": loop["snapshot_id"], "name": cfg.name,
-                                              "autoencoder_uri": loop.get("autoencoder_uri"),
-                                              "metrics": dict(row), "history": history})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-        if logger is not None:            # the checkpoint is persisted: its epochs may go to MLflow
-            logger.log_history(history)
-            logger.log_figure(tracking.loss_curve_figure(history, title=f"{cfg.name}"), "plots/loss_curves.png")
-        if figure is not None and logger is not None:
-            logger.log_figure(figure, f"plots/{'reconstruction' if stage == 'autoencoder' else 'reaction'}"
-                                      f"_epoch{epoch:04d}.png")
-
 
 # ---------------------------------------------------------------------------------------------
 # The driver
@@ -912,38 +255,6 @@ def _refresh_listings(uri: str) -> None:
     invalidate = getattr(fs, "invalidate_cache", None)
     if callable(invalidate):
         invalidate()
-
-
-def export_checkpoint(cfg: TrainConfig, run_dir: str) -> tuple[str, dict[str, Any]]:
-    """(URI, state) of the checkpoint to export: best by ``checkpoint.metric`` (``mode``), else
-    the latest. An unreadable file (truncated upload, disk error) is named in the log and the
-    next in that order is exported instead."""
-    metas = checkpoint_metas(run_dir)
-    if not metas:
-        raise TrainError(f"run {cfg.name} has no complete checkpoint in {storage.redact(run_dir)}")
-    metric = cfg.checkpoint.metric
-    scored = [(u, m) for u, m in metas if metric and metric in (m.get("metrics") or {})]
-    ranked = sorted(scored, key=lambda um: float(um[1]["metrics"][metric]), reverse=cfg.checkpoint.mode == "max")
-    ranked += [um for um in reversed(metas) if um not in ranked]          # unscored: newest first
-    for uri, _ in ranked:
-        try:
-            return uri, load_checkpoint_uri(uri)
-        except Exception as exc:        # noqa: BLE001 - any unreadable file: try the next one
-            log.error("checkpoint %s is unreadable (%s: %s); exporting the next best", storage.redact(uri),
-                      type(exc).__name__, " ".join(str(exc).split())[:200])
-    raise TrainError(f"run {cfg.name}: none of its {len(ranked)} checkpoints is readable; "
-                     "start a new run with --set name=<new name>")
-
-
-def load_checkpoint_uri(uri: str, map_location="cpu") -> dict[str, Any]:
-    """A checkpoint directory URI (local or s3://) → its state (``torch.load(weights_only=True)``)."""
-    import io
-
-    import torch
-
-    raw = storage.read_bytes(storage.join(uri, CHECKPOINT_FILE))
-    return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
-
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one stage end to end on Ray (driver side); returns where everything went."""
@@ -1087,7 +398,8 @@ def _finish(cfg: TrainConfig, snapshot, run_dir: str, run_id: str, uri: str, met
     latest_uri, latest = checkpoint_metas(run_dir)[-1]
     # A crash between a checkpoint and rank 0's MLflow flush leaves epochs unlogged: log them now.
     tracking.EpochLogger(run_id, uri).log_history(latest.get("history") or [])
-    checkpoint_uri, state = export_checkpoint(cfg, run_dir)
+    checkpoint_uri, state = export_checkpoint(run_dir, name=cfg.name, metric=cfg.checkpoint.metric,
+                                              mode=cfg.checkpoint.mode)
     generator = generator_from_state(state)
     del state
     generator.metadata.update(metadata)

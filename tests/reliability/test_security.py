@@ -47,7 +47,7 @@ def _load_generator_from_s3(path: str, s3):
 
 
 def _read_train_checkpoint(path: str, s3):
-    from pipeline.train import CHECKPOINT_FILE, read_checkpoint
+    from pipeline.checkpoints import CHECKPOINT_FILE, read_checkpoint
 
     folder = Path(path).parent / "checkpoint_epoch0001"
     folder.mkdir()
@@ -56,7 +56,7 @@ def _read_train_checkpoint(path: str, s3):
 
 
 def _load_train_checkpoint_from_s3(path: str, s3):
-    from pipeline.train import CHECKPOINT_FILE, load_checkpoint_uri
+    from pipeline.checkpoints import CHECKPOINT_FILE, load_checkpoint_uri
 
     uri = s3.uri("evil", "checkpoint_epoch0001")
     storage.write_bytes(storage.join(uri, CHECKPOINT_FILE), Path(path).read_bytes())
@@ -74,8 +74,8 @@ def _load_wav2vec2_weights(path: str, s3):
 LOADERS = {
     "ReactDiffGenerator.load (generator.pt)": _load_generator,
     "registry.load_generator_file (s3://…/generator.pt)": _load_generator_from_s3,
-    "train.read_checkpoint (resume)": _read_train_checkpoint,
-    "train.load_checkpoint_uri (s3 export)": _load_train_checkpoint_from_s3,
+    "checkpoints.read_checkpoint (resume)": _read_train_checkpoint,
+    "checkpoints.load_checkpoint_uri (s3 export)": _load_train_checkpoint_from_s3,
     "wav2vec2 extractor weights (--model)": _load_wav2vec2_weights,
 }
 

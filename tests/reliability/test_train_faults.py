@@ -245,7 +245,8 @@ def test_the_s3_secret_appears_in_no_log_checkpoint_or_mlflow_record(run, driver
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(run, resumed, request):
     import mlflow
 
-    from pipeline.train import CHECKPOINT_FILE, checkpoint_metas, train
+    from pipeline.checkpoints import CHECKPOINT_FILE, checkpoint_metas
+    from pipeline.train import train
 
     metas = checkpoint_metas(run["run_dir"])
     newest, meta = metas[-1]

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from pipeline.train import TrainConfig, resolved_settings
+from pipeline.train import TrainConfig
+from pipeline.train_config import resolved_settings
 
 
 def _args(*argv):
@@ -66,7 +67,8 @@ def test_preset_reference_settings_fill_unset_values():
 def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
     import torch
 
-    from pipeline.train import CHECKPOINT_FILE, TrainError, export_checkpoint, write_checkpoint
+    from pipeline.checkpoints import CHECKPOINT_FILE, export_checkpoint, write_checkpoint
+    from pipeline.train import TrainError
 
     run_dir = tmp_path / "run"
     for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, None)):      # epoch 4: not validated
@@ -75,20 +77,21 @@ def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
         metrics = {} if val is None else {"val/loss": val}
         write_checkpoint(str(d), {"epoch": epoch, "w": torch.full((2,), float(epoch))},
                          {"epoch": epoch, "metrics": metrics})
-    cfg = TrainConfig(name="r")
+    defaults = TrainConfig(name="r").checkpoint                            # metric val/loss, mode min
 
-    uri, state = export_checkpoint(cfg, str(run_dir))
+    def export(mode=defaults.mode):
+        return export_checkpoint(str(run_dir), name="r", metric=defaults.metric, mode=mode)
+
+    uri, state = export()
     assert uri.endswith("checkpoint_epoch0002") and state["epoch"] == 2
-    cfg.checkpoint.mode = "max"
-    assert export_checkpoint(cfg, str(run_dir))[1]["epoch"] == 1
+    assert export(mode="max")[1]["epoch"] == 1
 
-    cfg.checkpoint.mode = "min"
     best = run_dir / "checkpoint_epoch0002" / CHECKPOINT_FILE
     best.write_bytes(best.read_bytes()[:40])                              # truncated upload
-    uri, state = export_checkpoint(cfg, str(run_dir))
+    uri, state = export()
     assert state["epoch"] == 3 and "checkpoint_epoch0002" in caplog.text and "unreadable" in caplog.text
 
     for epoch in (1, 3, 4):
         (run_dir / f"checkpoint_epoch{epoch:04d}" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="none of its 4 checkpoints is readable"):
-        export_checkpoint(cfg, str(run_dir))
+        export()

@@ -7,7 +7,7 @@ import torch
 
 def test_latent_loss_equals_the_generators_diffusion_loss_on_features():
     import reactdiff
-    from pipeline.train import latent_diffusion_loss
+    from pipeline.train_loop import latent_diffusion_loss
 
     torch.manual_seed(0)
     gen = reactdiff.build_generator("small", seq_len=100, model_channels=16, hidden_dim=32, feature_dim=16,

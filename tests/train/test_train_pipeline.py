@@ -80,7 +80,7 @@ def test_checkpoints_are_plain_tensors_loaded_with_weights_only(stage1, train_st
     import torch
 
     from pipeline import storage
-    from pipeline.train import CHECKPOINT_FILE, generator_from_state
+    from pipeline.checkpoints import CHECKPOINT_FILE, generator_from_state
 
     run_dir = storage.join(train_storage, "tiny-autoencoder")
     names = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_epoch")]
