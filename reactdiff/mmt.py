@@ -19,16 +19,19 @@ video_fe 1 408, video_va 64; acoustic audio_wav2vec2 1 536, audio_mfcc26 26.
 
 There is no positional encoding and no mask in the reference, so the whole model is
 permutation-equivariant over time; ``positional_encoding=True`` adds a sinusoidal encoding
-wherever a raw feature group is projected to the hidden width. ``clip_centering=True``
-subtracts each input group's mean over the clip's frames before anything else (cepstral mean
-normalisation, per feature): with raw, weightless features (face pixels, MFCC) the person's
-static appearance and recording channel are most of the signal, and without it the small
-preset's encoder learns that constant and decodes the same frame for the whole clip (measured
-on the synthetic data: validation CCC of the reconstruction 0.00 after 720 steps without,
-0.14 after 240 with). The price is the clip-level offset of each feature, which the decoder
-then cannot see. Off in the reference, whose pretrained features are already about expression. The reference is also not
+wherever a raw feature group is projected to the hidden width. The reference is also not
 variational despite its "TransformerVAE" name; ``variational=True`` adds a Gaussian posterior
-(μ, log σ²) with a KL term. Both options are off by default (= reference).
+(μ, log σ²) with a KL term.
+
+``clip_centering=True`` subtracts each input group's mean over the clip's frames before anything
+else (cepstral mean normalisation, per feature). With raw, weightless features (face pixels,
+MFCC) a person's static look and recording channel are most of the signal: without centring the
+small preset's encoder learns that constant and decodes the same frame for the whole clip
+(synthetic demo data: reconstruction CCC 0.00 after 720 steps; with centring 0.20 after the
+demo's 480). The price is each feature's clip-level offset, which the decoder then cannot see.
+
+All three options are off by default (= reference, whose pretrained features already describe
+expression); the small preset turns on ``clip_centering``.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ def test_train_settings_are_the_reference_ones():
     assert (s2.lr, s2.weight_decay, s2.betas, s2.ema_decay) == (5e-5, 5e-4, (0.9, 0.999), 0.999)
     mmt, diff = PRESETS["paper"].mmt, PRESETS["paper"].diffusion
     assert (mmt.emotion_weight, mmt.tdmm_weight, mmt.positional_encoding, mmt.variational) == (10.0, 10.0, False, False)
+    # the reference feeds its features as they are; only the raw-pixel small preset centres clips
+    assert mmt.clip_centering is False and PRESETS["small"].mmt.clip_centering is True
     assert (diff.num_timesteps, diff.loss, diff.loss_weight, diff.eta, diff.clip_x0) == (20, "l1", 10.0, 0.0, True)
     assert PRESETS["paper"].reference_normalisation_bug is False
 
