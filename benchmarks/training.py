@@ -67,7 +67,6 @@ def _single_process_items_per_s(stage: str, gen_file: str, batch: int, steps: in
     import torch
 
     from pipeline.registry import load_generator_file
-    from pipeline.train_loop import latent_diffusion_loss
     from reactdiff.generator import ReactDiffGenerator
     from reactdiff.training import make_optimizer
 
@@ -88,7 +87,7 @@ def _single_process_items_per_s(stage: str, gen_file: str, batch: int, steps: in
             step = lambda: gen.autoencoder_loss(batch_data, emotion, tdmm)[0]  # noqa: E731
         else:
             zs, zl = torch.randn(batch, L, fd, device=device), torch.randn(batch, L, fd, device=device)
-            step = lambda: latent_diffusion_loss(gen, zs, zl)[0]  # noqa: E731
+            step = lambda: gen.latent_diffusion_loss(zs, zl)[0]  # noqa: E731
         for i in range(steps + 2):                 # 2 warm-up steps
             if i == 2:
                 if device == "cuda":

@@ -19,25 +19,9 @@ import numpy as np
 from pipeline import storage, tracking
 from pipeline.checkpoints import restore_state, write_checkpoint
 from pipeline.config import from_dict
-from pipeline.train_config import TrainConfig
-from pipeline.train_config import TrainError
+from pipeline.train_config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
-
-
-def latent_diffusion_loss(gen, z_speaker, z_listener, generator=None):
-    """Stage-2 ε-loss from pre-encoded stage-1 latents (= ReactDiffGenerator.diffusion_loss after
-    its frozen encode): normalise, window, condition on the speaker window, 10·L1 on ε."""
-    own = getattr(gen, "latent_diffusion_loss", None)
-    if callable(own):
-        return own(z_speaker, z_listener, generator=generator)
-    from reactdiff.diffusion import epsilon_loss
-
-    p_s = gen.latent_stats.normalize(z_speaker)
-    p_l = gen.latent_stats.normalize(z_listener)
-    d = gen.config.diffusion
-    return epsilon_loss(gen.denoiser, gen.to_windows(p_l), gen.schedule, gen.cond(gen.to_windows(p_s)),
-                        loss=d.loss, weight=d.loss_weight, generator=generator)
 
 
 def _objective(gen, stage: str):
@@ -54,8 +38,8 @@ def _objective(gen, stage: str):
             if stage == "autoencoder":
                 feats = {n: batch[n].float() for n in g.feature_widths}
                 return g.autoencoder_loss(feats, batch["emotion"].float(), batch["tdmm"].float())
-            return latent_diffusion_loss(g, batch["speaker_latent"].float(), batch["listener_latent"].float(),
-                                         generator=generator)
+            return g.latent_diffusion_loss(batch["speaker_latent"].float(), batch["listener_latent"].float(),
+                                           generator=generator)
 
     return StageObjective()
 
