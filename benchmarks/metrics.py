@@ -1,9 +1,8 @@
 """Speed of ``reactdiff.metrics`` against a straightforward per-pair implementation.
 
 The baseline (``benchmarks/official_reference.py``, also the tests' oracle) loops the way the
-official REACT ``metric/*.py`` do: one ``tslearn.metrics.dtw``
-call per (item, sample, neighbour, group) for FRDist, one ``np.corrcoef`` per channel and pair
-for FRCorr and FRSyn, ``torch.cdist``/``torch.var`` for the diversity metrics; single process.
+official REACT ``metric/*.py`` do: one ``tslearn.metrics.dtw`` call per (item, sample,
+neighbour, group) for FRDist, one ``np.corrcoef`` per channel and pair for FRCorr and FRSyn, ``torch.cdist``/``torch.var`` for the diversity metrics; single process.
 Both run on the same synthetic REACT-shaped inputs in one run (N items, K = 10 samples,
 T = 750 frames, 3-6 appropriate neighbours per item incl. the diagonal). The slow baselines are
 timed on a subset of items and extrapolated linearly by their number of pair computations

@@ -43,16 +43,30 @@ def _rows(n_items: int, rows) -> list[int]:
     return list(range(n_items)) if rows is None else [int(k) for k in rows]
 
 
-def frcorr_rows(pred, listener, neighbours, rows=None) -> list[float]:
-    """Per item: sum over samples of the best CCC with an appropriate real reaction (FRC.py)."""
+def _best_per_item(pred, listener, neighbours, rows, pair, best) -> list[float]:
+    """Per item k: sum over its samples i of best(pair(i, j) for each appropriate neighbour j),
+    accumulated in the official loop order (FRC.py / FRD.py)."""
     per_item = []
     for k in _rows(pred.shape[0], rows):
         appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
         total = 0
         for i in range(pred.shape[1]):
-            total += max(ccc(listener[j], pred[k, i]) for j in appropriate)
+            total += best(pair(pred[k, i], listener[j]) for j in appropriate)
         per_item.append(total)
     return per_item
+
+
+def weighted_dtw(x: np.ndarray, y: np.ndarray) -> float:
+    """FRD.py's distance: DTW per channel group (AUs, valence/arousal, expressions), weighted."""
+    distance = 0
+    for start, stop, weight in GROUPS:
+        distance += weight * dtw(x.astype(np.float32)[:, start:stop], y.astype(np.float32)[:, start:stop])
+    return distance
+
+
+def frcorr_rows(pred, listener, neighbours, rows=None) -> list[float]:
+    """Per item: sum over samples of the best CCC with an appropriate real reaction (FRC.py)."""
+    return _best_per_item(pred, listener, neighbours, rows, lambda p, g: ccc(g, p), max)
 
 
 def frcorr(pred, listener, neighbours) -> float:
@@ -61,22 +75,7 @@ def frcorr(pred, listener, neighbours) -> float:
 
 def frdist_rows(pred, listener, neighbours, rows=None) -> list[float]:
     """Per item: sum over samples of the smallest weighted DTW to an appropriate reaction (FRD.py)."""
-    per_item = []
-    for k in _rows(pred.shape[0], rows):
-        appropriate = np.argwhere(neighbours[k] == 1).reshape(-1)
-        total = 0
-        for i in range(pred.shape[1]):
-            candidates = []
-            for j in appropriate:
-                distance = 0
-                for start, stop, weight in GROUPS:
-                    distance += weight * dtw(
-                        pred[k, i].astype(np.float32)[:, start:stop], listener[j].astype(np.float32)[:, start:stop]
-                    )
-                candidates.append(distance)
-            total += min(candidates)
-        per_item.append(total)
-    return per_item
+    return _best_per_item(pred, listener, neighbours, rows, weighted_dtw, min)
 
 
 def frdist(pred, listener, neighbours) -> float:

@@ -119,10 +119,11 @@ def export_checkpoint(run_dir: str, *, name: str | None, metric: str | None,
     metas = checkpoint_metas(run_dir)
     if not metas:
         raise TrainError(f"run {name} has no complete checkpoint in {storage.redact(run_dir)}")
-    scored = [(u, m) for u, m in metas if metric and metric in (m.get("metrics") or {})]
-    ranked = sorted(scored, key=lambda um: float(um[1]["metrics"][metric]), reverse=mode == "max")
-    ranked += [um for um in reversed(metas) if um not in ranked]          # unscored: newest first
-    for uri, _ in ranked:
+    scores = {u: (m.get("metrics") or {}).get(metric) if metric else None for u, m in metas}
+    scored = sorted((u for u in scores if scores[u] is not None), key=lambda u: float(scores[u]),
+                    reverse=mode == "max")
+    ranked = scored + [u for u, _ in reversed(metas) if scores[u] is None]     # unscored: newest first
+    for uri in ranked:
         try:
             return uri, load_checkpoint_uri(uri)
         except Exception as exc:        # noqa: BLE001 - any unreadable file: try the next one
