@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, help="reactions per item (default: 10, the official protocol)")
     parser.add_argument("--seed", type=int, help="base seed (default: 0)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the generator's schedule)")
+    parser.add_argument("--decoder-dropout", dest="decoder_dropout", action="store_true", default=None,
+                        help="sample with the frozen decoder's dropout on, as the reference does (more diverse, less faithful; default: off)")
     parser.add_argument("--baseline", dest="baselines", action="extend", nargs="+",
                         choices=["gt", "mime", "random", "mean"],
                         help="baseline rows to score alongside (e.g. --baseline gt mime; default: all four)")
@@ -65,7 +67,7 @@ def run(args) -> int:
     baselines = [] if args.no_baselines else args.baselines
     cfg = config.load(EvaluateConfig, args.config, args.overrides, model=args.model, features=args.features,
                       split=args.split, samples=args.samples, seed=args.seed, steps=args.steps,
-                      baselines=baselines, predictions=args.predictions,
+                      decoder_dropout=args.decoder_dropout, baselines=baselines, predictions=args.predictions,
                       save_predictions=args.save_predictions, max_items=args.max_items,
                       binarize=args.binarize, out=args.out, mlflow=args.mlflow, ray_address=args.ray_address)
     try:

@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int,
                         help="seed (default 0); with --split, item k uses pipeline.evaluate.item_seed(seed, k)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the generator's schedule)")
+    parser.add_argument("--decoder-dropout", dest="decoder_dropout", action="store_true", default=None,
+                        help="sample with the frozen decoder's dropout on, as the reference does (more diverse, less faithful; default: off)")
     parser.add_argument("--features", metavar="SNAPSHOT",
                         help="feature snapshot URI or id: the model's feature set (one clip) or the split's "
                              "features (--split); default: the model version's snapshot_uri tag")
@@ -97,6 +99,7 @@ def run(args) -> int:
 
     cfg = config.load(GenerateConfig, args.config, args.overrides, model=args.model, out=args.out,
                       samples=args.samples, seed=args.seed, steps=args.steps, features=args.features,
+                      decoder_dropout=args.decoder_dropout,
                       speaker_video=args.speaker_video, speaker_audio=args.speaker_audio,
                       speaker_attributes=args.speaker_attributes, speaker_3dmm=args.speaker_3dmm,
                       binarize=args.binarize, plot=args.plot, video=args.video, video_sample=args.video_sample,

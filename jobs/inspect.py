@@ -100,6 +100,10 @@ def run(args) -> int:
     video = {"2024": "mp4 videos", "2023": "PNG frame folders"}[ds.release]
     print(f"  release {ds.release} ({video}); Emotion roles: {ds.emotion_naming}; mean_face.npy: {mean_face}"
           + (f"; no {', '.join(missing_csv)}" if missing_csv else ""))
+    if mean_face == "no":
+        from pipeline.publish import MEAN_FACE_MISSING
+
+        print(f"  warning: {MEAN_FACE_MISSING}")
 
     # Counts per split and site.
     rows = []

@@ -43,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=["val", "test", "train"], help="split to compare on (default: val)")
     parser.add_argument("--samples", type=int, help="reactions per item (default: 10)")
     parser.add_argument("--max-items", dest="max_items", type=int, help="first N items only (smoke runs)")
+    parser.add_argument("--decoder-dropout", dest="decoder_dropout", action="store_true", default=None,
+                        help="sample with the frozen decoder's dropout on, as the reference does (more diverse, less faithful; default: off)")
     parser.add_argument("--no-cache", dest="reuse_evaluations", action="store_false", default=None,
                         help="re-evaluate even if a version has cached metrics for this protocol")
     parser.add_argument("--out", metavar="FILE", help="write the decision as JSON")
@@ -59,7 +61,8 @@ def run(args) -> int:
     from pipeline.registry import RegistryError
     from pipeline.snapshot import SnapshotError
 
-    evaluation = {k: v for k, v in {"samples": args.samples, "max_items": args.max_items}.items() if v is not None}
+    evaluation = {k: v for k, v in {"samples": args.samples, "max_items": args.max_items,
+                                    "decoder_dropout": args.decoder_dropout}.items() if v is not None}
     cfg = config.load(PromoteConfig, args.config, args.overrides, name=args.name, candidate=args.candidate,
                       champion=args.champion, features=args.features, split=args.split,
                       evaluation=evaluation or None, reuse_evaluations=args.reuse_evaluations,

@@ -47,6 +47,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--release", choices=["2024", "2023"], default=None,
                         help="2024: mp4 videos, Emotion roles renamed P1/P2; 2023: PNG frame folders, "
                              "original role names, UDIVA dyads too (default: 2024)")
+    parser.add_argument("--behaviour", choices=["prototype", "backchannel"], default=None,
+                        help="behaviour model: prototype (three speaker prototypes, mirror/complementary/"
+                             "dampened listeners; the demo's) or backchannel (speaker groups, listeners "
+                             "that smile, raise brows and nod while the partner talks) (default: prototype)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes rendering clips (default: one per CPU for sizeable datasets)")
     parser.add_argument("--overwrite", action="store_true", default=None,
@@ -60,11 +64,12 @@ def run(args) -> int:
 
     cfg = load(synth.SynthConfig, args.config, args.overrides, out=args.out, dyads=args.dyads,
                frames=args.frames, seed=args.seed, release=args.release, workers=args.workers,
-               overwrite=args.overwrite)
+               overwrite=args.overwrite, behaviour=args.behaviour)
     out = cfg.out or runtime.workspace().data
     try:
         summary = synth.generate(out, dyads=tuple(cfg.dyads), frames=cfg.frames, seed=cfg.seed,
-                                 release=cfg.release, workers=cfg.workers or None, overwrite=cfg.overwrite)
+                                 release=cfg.release, workers=cfg.workers or None, overwrite=cfg.overwrite,
+                                 behaviour=cfg.behaviour)
     except synth.SynthError as exc:
         print(f"reactdiff synth: {exc}", file=sys.stderr)
         return 1

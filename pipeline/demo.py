@@ -34,8 +34,8 @@ class DemoConfig:
     # 100 × 4 = 400 stage-2 steps. With 30 × 4 and 60 × 4 the decoded reactions stayed flat.
     stage1_epochs: int = 60
     stage2_epochs: int = 100
-    stage1_batch_size: int = 1            # clips per worker and step
-    stage2_batch_size: int = 2            # directed items per worker and step (× 15 windows)
+    stage1_batch_size: int = 2            # clips per optimiser step (all workers together)
+    stage2_batch_size: int = 4            # directed items per optimiser step
     checkpoint_every: int = 5             # epochs between checkpoints/validations (each costs ~1 s here)
     samples: int = 10                     # reactions per item (official protocol: 10)
     eval_split: str = "val"               # model selection and promotion never look at test

@@ -79,6 +79,7 @@ class EvalOptions:
     samples: int = 10                    # reactions per item (official: 10)
     seed: int = 0                        # base seed; item k uses item_seed(seed, k)
     steps: int | None = None             # sampler steps (None: the generator's default)
+    decoder_dropout: bool = False        # sample with the frozen decoder's dropout on (the reference does)
     max_items: int | None = None         # first N items only (smoke runs; not comparable)
     binarize: bool = False               # round AU dims 0–14 of predictions before all metrics
     batch_size: int = 8                  # items per generator call
@@ -142,6 +143,9 @@ class EvaluationReport:
     seed: int = 0
     binarize: bool = False
     steps: int | None = None
+    decoder_dropout: bool = False                               # dropout of the frozen decoder while sampling
+    latent_normalisation: str | None = None                     # "exact" or "reference" (its non-inverse bug)
+    architecture: str | None = None                             # stage-2 design of the model
     snapshot_id: str | None = None
     snapshot_uri: str | None = None
     model_uri: str | None = None
@@ -167,7 +171,9 @@ class EvaluationReport:
         label = f"model {self.model_name} v{self.model_version}" if self.model_version else "model"
         rows = [(label, self.metrics)] + [(BASELINE_LABELS.get(k, k), v) for k, v in self.baselines.items()]
         lines = [f"REACT metrics on {self.snapshot_id}/{self.split}: {self.counts.get('items', '?')} items × "
-                 f"{self.samples} samples, seed {self.seed}, binarize {self.binarize}",
+                 f"{self.samples} samples, seed {self.seed}, binarize {self.binarize}, decoder dropout "
+                 f"{'on' if self.decoder_dropout else 'off'}"
+                 + (f", latent normalisation {self.latent_normalisation}" if self.latent_normalisation else ""),
                  head]
         for name, values in rows:
             lines.append(f"{name[:22]:<22}" + "".join(f"{_fmt(values.get(m)):>11}" for m in names))
@@ -358,7 +364,7 @@ class ReactionGenerator:
     """
 
     def __init__(self, generator, snapshot_uri: str, samples: int, steps: int | None, seed: int,
-                 frames: int, threads: int | None = None):
+                 frames: int, threads: int | None = None, decoder_dropout: bool = False):
         import torch
 
         from pipeline.snapshot import Snapshot
@@ -387,6 +393,7 @@ class ReactionGenerator:
                              f"(it has {sorted(self.snapshot.features)}); evaluate on a snapshot "
                              "extracted with the model's feature set")
         self.samples, self.steps, self.seed, self.frames = samples, steps, seed, frames
+        self.decoder_dropout = decoder_dropout
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [int(i) for i in batch["item"]]
@@ -395,8 +402,18 @@ class ReactionGenerator:
         inputs = {f: np.stack([np.asarray(clips[s][f], dtype=np.float32) for s in speakers])
                   for f in self.features}
         seeds = [item_seed(self.seed, i) for i in items]
-        emotion = generate_reactions(self.generator, inputs, seeds, self.samples, self.steps, self.device)
+        emotion = generate_reactions(self.generator, inputs, seeds, self.samples, self.steps, self.device,
+                                     decoder_dropout=self.decoder_dropout)
         return {"item": np.asarray(items, dtype=np.int64), "emotion": emotion[:, :, :self.frames]}
+
+
+def model_description(generator) -> dict[str, Any]:
+    """What a report records about how the model samples, beside the options (issue #15 f)."""
+    config = getattr(generator, "config", None)
+    if config is None:                                  # a URI: the actors loaded it
+        return {}
+    return {"latent_normalisation": "reference" if config.reference_normalisation_bug else "exact",
+            "architecture": config.architecture}
 
 
 def model_features(generator) -> dict[str, int]:
@@ -405,7 +422,7 @@ def model_features(generator) -> dict[str, int]:
 
 
 def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Sequence[int], samples: int,
-                       steps: int | None, device: str = "cpu") -> np.ndarray:
+                       steps: int | None, device: str = "cpu", *, decoder_dropout: bool = False) -> np.ndarray:
     """Reactions [B, K, T, 25] for a batch of speakers, row b generated with ``seeds[b]``.
 
     One generator call per row: a batched call with a single seed would draw row b's noise from a
@@ -417,7 +434,7 @@ def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Seque
     with torch.inference_mode():
         for b, seed in enumerate(seeds):
             row = {k: torch.as_tensor(v[b:b + 1], device=device) for k, v in inputs.items()}
-            kwargs = {"num_samples": samples, "seed": int(seed)}
+            kwargs = {"num_samples": samples, "seed": int(seed), "decoder_dropout": decoder_dropout}
             if steps is not None:
                 kwargs["steps"] = steps
             reaction = generator.generate(row, **kwargs)
@@ -446,7 +463,8 @@ def actor_pool(actors: int | None, items: int, batch_size: int) -> tuple[int, fl
 
 def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: "Snapshot", items: Sequence, *,
                         samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
-                        actors: int | None = None, frames: int = FRAMES) -> "ray.data.Dataset":
+                        actors: int | None = None, frames: int = FRAMES,
+                        decoder_dropout: bool = False) -> "ray.data.Dataset":
     """The (lazy) Ray Dataset of reactions for ``items``: one row per item, ``item`` int64 and
     ``emotion`` float32 [K, frames, 25] (the raw generator output), in no particular order.
 
@@ -467,17 +485,18 @@ def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: "Snapsh
     return ds.map_batches(
         ReactionGenerator,
         fn_constructor_kwargs=dict(generator=model, snapshot_uri=snapshot.uri, samples=samples,
-                                   steps=steps, seed=seed, frames=frames, threads=int(cpus)),
+                                   steps=steps, seed=seed, frames=frames, threads=int(cpus),
+                                   decoder_dropout=decoder_dropout),
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus, num_cpus=cpus)
 
 
 def generate_predictions(generator: "ReactDiffGenerator | str", snapshot: "Snapshot", items: Sequence, *,
                          samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
-                         actors: int | None = None) -> np.ndarray:
+                         actors: int | None = None, decoder_dropout: bool = False) -> np.ndarray:
     """Predictions [N, K, T, 25] in item order (:func:`predictions_dataset`, T = 750 frames)."""
     ds = predictions_dataset(generator, snapshot, items, samples=samples, seed=seed, steps=steps,
-                             batch_size=batch_size, actors=actors)
+                             batch_size=batch_size, actors=actors, decoder_dropout=decoder_dropout)
     out: np.ndarray | None = None
     seen = np.zeros(len(items), dtype=bool)
     position = {int(i.index): k for k, i in enumerate(items)}
@@ -646,7 +665,7 @@ def train_mean_emotion(snapshot: "Snapshot", frames: int = None) -> np.ndarray |
 
 def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: "Snapshot", split: str, *,
                        samples: int = 10, seed: int = 0, steps: int | None = None,
-                       max_items: int | None = None, baselines: Iterable[str] = BASELINES,
+                       decoder_dropout: bool = False, max_items: int | None = None, baselines: Iterable[str] = BASELINES,
                        binarize: bool = False, batch_size: int = 8, actors: int | None = None,
                        frdist_tasks: int | None = None, model_uri: str | None = None,
                        model_version: "ModelVersion | None" = None,
@@ -658,7 +677,7 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: "Snapsho
     items, _, _ = split_items(snapshot, split, max_items)
     t0 = time.perf_counter()
     pred = generate_predictions(generator, snapshot, items, samples=samples, seed=seed, steps=steps,
-                                batch_size=batch_size, actors=actors)
+                                batch_size=batch_size, actors=actors, decoder_dropout=decoder_dropout)
     timings = {"generate": time.perf_counter() - t0}
     if save_predictions:
         write_predictions(save_predictions, pred, [i.index for i in items])
@@ -667,7 +686,7 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: "Snapsho
     return evaluate_predictions(
         pred, snapshot, split, seed=seed, max_items=max_items, baselines=baselines,
         binarize=binarize, frdist_tasks=frdist_tasks, timings=timings, steps=steps, model_uri=model_uri,
-        predictions_uri=save_predictions, model_name=model_version.name if model_version else None,
+        predictions_uri=save_predictions, decoder_dropout=decoder_dropout, **model_description(generator), model_name=model_version.name if model_version else None,
         model_version=str(model_version.version) if model_version else None)
 
 
@@ -699,7 +718,10 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
                   "reactdiff.model_version": report.model_version,
                   "reactdiff.predictions": report.predictions_uri},
             params={"split": report.split, "samples": report.samples, "seed": report.seed,
-                    "binarize": report.binarize, "steps": report.steps, "items": report.counts.get("items")})
+                    "binarize": report.binarize, "steps": report.steps, "items": report.counts.get("items"),
+                    "decoder_dropout": report.decoder_dropout,
+                    "latent_normalisation": report.latent_normalisation,
+                    "architecture": report.architecture})
     now = get_current_time_millis()
     values = {f"{report.split}_{k}": v for k, v in report.metrics.items()}
     if new_run:  # baseline rows next to the model row in the evaluation run's table

@@ -75,6 +75,7 @@ class GenerateConfig:
     samples: int = 10                           # reactions per speaker (official protocol: 10)
     seed: int = 0                               # one clip: the generator seed; a split: base of item_seed
     steps: int | None = None                    # DDIM steps (None: the generator's schedule)
+    decoder_dropout: bool = False               # sample with the frozen decoder's dropout on (reference)
     features: str | None = None                 # snapshot URI/id whose feature set the model uses
                                                 # (default: the version's snapshot_uri tag)
     # one speaker clip
@@ -150,7 +151,9 @@ class LoadedModel:
                 "snapshot_id": self.snapshot.id if self.snapshot else None,
                 "snapshot_uri": storage.redact(self.snapshot.uri) if self.snapshot else None,
                 "feature_set_hash": self.snapshot.feature_set_hash if self.snapshot else None,
-                "inputs": self.inputs, "seq_len": self.seq_len}
+                "inputs": self.inputs, "seq_len": self.seq_len,
+                "architecture": self.generator.config.architecture,
+                "latent_normalisation": "reference" if self.generator.config.reference_normalisation_bug else "exact"}
 
 
 def load_model(model_uri: str, features: str | None = None, *, device: str = "cpu") -> LoadedModel:
@@ -440,7 +443,8 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
 
     t0 = time.perf_counter()
     reaction = model.generator.generate({k: torch.from_numpy(v) for k, v in features.items()},
-                                        num_samples=cfg.samples, steps=cfg.steps, seed=cfg.seed)
+                                        num_samples=cfg.samples, steps=cfg.steps, seed=cfg.seed,
+                                        decoder_dropout=cfg.decoder_dropout)
     timings["generate_s"] = time.perf_counter() - t0
     raw_emotion = reaction.emotion.float().cpu().numpy()
     tdmm = reaction.tdmm.float().cpu().numpy()
@@ -503,6 +507,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     summary = {"model": model.describe(), "speaker": {k: storage.redact(v) if isinstance(v, str) else v
                                                       for k, v in {**asdict(speaker), **info}.items()},
                "samples": cfg.samples, "seed": cfg.seed, "steps": cfg.steps, "binarize": cfg.binarize,
+               "decoder_dropout": cfg.decoder_dropout,
                "frames": {"generated": generated, "written": out_frames, "padded": out_frames - generated},
                "fixes": fixes, "notes": notes, "renderer": cfg.renderer if cfg.video else None,
                "video_sample": cfg.video_sample if cfg.video else None, "timings": timings,
@@ -592,7 +597,7 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     # calls; the generator travels as its weights-only file bytes (never a pickled module).
     ds = evaluate.predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
                                       steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
-                                      frames=model.seq_len)
+                                      frames=model.seq_len, decoder_dropout=cfg.decoder_dropout)
     ds = ds.map_batches(_with_ids, batch_format="numpy",
                         fn_kwargs={"pairs": {int(i.index): (i.speaker, i.listener) for i in todo},
                                    "seed": cfg.seed})
@@ -619,7 +624,8 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
         "format": "reactdiff-predictions/1",
         "contract": "pipeline/evaluate.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
         "model": model.describe(), "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
-        "steps": cfg.steps, "seeds": "item k uses pipeline.evaluate.item_seed(seed, k)",
+        "steps": cfg.steps, "decoder_dropout": cfg.decoder_dropout,
+        "seeds": "item k uses pipeline.evaluate.item_seed(seed, k)",
         "items": len(todo), "items_in_split": len(snapshot.items(cfg.split)), "max_items": cfg.max_items,
         "skipped_items": skipped, "frames": model.seq_len,
         "files": [storage.redact(os.path.basename(f)) for f in files],

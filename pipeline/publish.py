@@ -7,6 +7,7 @@ without ``_manifest.json`` is never taken as complete. ``format_report`` formats
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from dataclasses import asdict
@@ -18,6 +19,8 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.snapshot import FORMAT
+
+log = logging.getLogger(__name__)
 
 
 def code_version() -> dict[str, Any]:
@@ -90,6 +93,8 @@ def finalize(cfg, plan, dataset, splits, rows, summaries, features, fs_hash, bas
         problems.append({"uri": storage.redact(exc.uri), "reason": exc.reason})
     if mean_face is not None:
         storage.write_npy(storage.join(uri, "mean_face.npy"), mean_face.astype(np.float32))
+    else:
+        log.warning(MEAN_FACE_MISSING)
 
     processed = [s for s in ok.values() if s["status"] == "ok"]
     carried = [s for s in ok.values() if s["status"] == "carried"]
@@ -144,6 +149,11 @@ def finalize(cfg, plan, dataset, splits, rows, summaries, features, fs_hash, bas
     }
 
 
+MEAN_FACE_MISSING = ("the dataset root has no mean_face.npy: 3DMM targets stay absolute FaceVerse coefficients "
+                     "(the reference subtracts the REACT baseline's mean face); copy mean_face.npy into the "
+                     "dataset root and re-extract to train as the paper does")
+
+
 def format_report(manifest: dict[str, Any], published: bool, max_failure_fraction: float) -> str:
     """The summary table printed at the end of the job."""
     c, t, b = manifest["counts"], manifest["timings"], manifest["bytes"]
@@ -159,6 +169,8 @@ def format_report(manifest: dict[str, Any], published: bool, max_failure_fractio
         n, car = len(info["clips"]), carried_by_split.get(split, 0)
         lines.append(f"  {split:<8}{n:>8}{n - car:>11}{car:>9}{info['quarantined']:>13}")
     lines.append(f"  {'total':<8}{c['clips']:>8}{c['processed']:>11}{c['carried']:>9}{c['quarantined']:>13}")
+    if not manifest.get("mean_face"):
+        lines.append(f"  warning: {MEAN_FACE_MISSING}")
     lines.append(f"  time {t['total_s']:.1f} s (pipeline {t['pipeline_s']:.1f} s), "
                  f"{t['frames_per_s']:.0f} frames/s extracted, {b['per_clip_mean'] / 1e6:.2f} MB per clip "
                  f"({b['total'] / 1e6:.1f} MB in all), peak worker RSS "

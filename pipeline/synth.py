@@ -1,6 +1,7 @@
 """Synthetic REACT data: the exact on-disk layout, with a learnable one-to-many reaction.
 
     reactdiff synth --out DIR [--dyads 8,4,4] [--frames 751] [--seed 0] [--release 2024|2023]
+                    [--behaviour prototype|backchannel]
     pipeline.synth.generate(out, dyads=(8, 4, 4), frames=751, seed=0, release="2024")
 
 The real corpus is licensed, so the demo, tests and benchmarks run on this. How it is drawn:
@@ -9,11 +10,11 @@ The real corpus is licensed, so the demo, tests and benchmarks run on this. How 
   (mouth opening, smile, brow raise, frown, eye opening, head yaw/pitch/roll). The 58-d 3DMM,
   the 25-d emotion attributes, the face video (a face drawn with numpy masks, H.264 via PyAV)
   and the voice (harmonics + noise whose loudness follows the mouth) are all rendered from it.
-* The person in csv column 1 (NoXI Expert, RECOLA P25/P41/P45, UDIVA FC1) is the speaker. Their
-  behaviour follows one of ``N_PROTOTYPES`` smooth prototype trajectories (moods, head motion,
-  speech bursts) plus their own smooth variation, syllable rhythm and blinks.
-* The person in column 2 reacts ``lag`` = 5..15 frames later in one of ``REACTION_STYLES``
-  (mirror / complementary / dampened), so one speaker behaviour has several appropriate reactions.
+* The person in csv column 1 (NoXI Expert, RECOLA P25/P41/P45, UDIVA FC1) is the speaker, the
+  person in column 2 reacts. How both behave is a behaviour model of ``pipeline.behaviour``: by
+  default three speaker prototypes and listeners that react 5..15 frames later in one of three
+  styles, so one speaker behaviour has several appropriate reactions; ``backchannel`` is a second,
+  different model for checking that results do not depend on the first.
 * Appropriateness (``data_indices.csv`` + ``Approprirate_facial_reaction.npy``): two directed items
   are neighbours iff their speakers' behaviour classes are equal — ``(prototype)`` for column-1
   speakers, ``(prototype, style)`` for the reacting person speaking in a mirrored item. The diagonal
@@ -39,6 +40,9 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import storage
+from pipeline.behaviour import (BEHAVIOURS, BROW, EYES, FROWN, LATENT, LOOK as _LOOK, LABELS as _LABELS, MOUTH,
+                                PERSON as _PERSON, PITCH, PLAN as _PLAN, REACT as _REACT, ROLL, SMILE,
+                                VOICE as _VOICE, FACE_MODEL as _FACE_MODEL, YAW, rng as _rng)
 from pipeline.react import (ALL_NEIGHBOURS, AUDIO, DATA_INDICES, EMOTION, EMOTION_COLUMNS, FPS,
                             MEAN_FACE, SAMPLE_RATE, SPLITS, TDMM, TDMM_DIM, VIDEO, emotion_clip_path,
                             neighbour_key, split_neighbours_file)
@@ -47,16 +51,7 @@ log = logging.getLogger(__name__)
 
 SYNTH_VERSION = 1                 # bump when the generated content changes
 MARKER = "synthetic.json"         # written last: parameters + ground truth; its presence = complete
-LATENT = ("mouth", "smile", "brow", "frown", "eyes", "yaw", "pitch", "roll")
-MOUTH, SMILE, BROW, FROWN, EYES, YAW, PITCH, ROLL = range(len(LATENT))
-N_PROTOTYPES = 3
-REACTION_STYLES = ("mirror", "complementary", "dampened")
-LAG_FRAMES = (5, 15)
 SIZE = 256
-
-# Purposes for independent random streams: every draw is keyed by (seed, purpose, ids), so a
-# clip's content does not depend on how many clips there are or which worker drew it.
-_PLAN, _PROTO, _PERSON, _LOOK, _REACT, _LABELS, _VOICE, _FACE_MODEL = range(8)
 
 
 class SynthError(RuntimeError):
@@ -72,6 +67,7 @@ class SynthConfig:
     frames: int = 751
     seed: int = 0
     release: str = "2024"             # "2024" (mp4, Emotion P1/P2) | "2023" (PNG folders, UDIVA too)
+    behaviour: str = "prototype"      # behaviour model: prototype (demo) | backchannel (pipeline.behaviour)
     workers: int = 0                  # 0 = automatic
     overwrite: bool = False
 
@@ -84,14 +80,12 @@ class SynthConfig:
             raise ConfigError(f"frames: must be at least 2, got {self.frames}")
         if self.release not in ("2024", "2023"):
             raise ConfigError(f"release: must be 2024 or 2023, got {self.release!r}")
+        if self.behaviour not in BEHAVIOURS:
+            raise ConfigError(f"behaviour: must be one of {', '.join(BEHAVIOURS)}, got {self.behaviour!r}")
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-
-
-def _rng(seed: int, purpose: int, *ids: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, purpose, *ids]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +126,11 @@ def _site(ordinal: int, release: str) -> str:
     return "NoXI"
 
 
-def plan_dyads(dyads: tuple[int, int, int], seed: int = 0, release: str = "2024") -> list[DyadPlan]:
-    """Every dyad of the dataset: paths (subject-independent splits), prototype, style, lag."""
+def plan_dyads(dyads: tuple[int, int, int], seed: int = 0, release: str = "2024",
+               behaviour: str = "prototype") -> list[DyadPlan]:
+    """Every dyad of the dataset: paths (subject-independent splits), speaker group, style, lag."""
+    model = BEHAVIOURS[behaviour]
+    groups, styles, lags = model.groups, model.styles, model.lags
     plans: list[DyadPlan] = []
     session_no = 0
     ordinal = 0
@@ -141,9 +138,9 @@ def plan_dyads(dyads: tuple[int, int, int], seed: int = 0, release: str = "2024"
         rng = _rng(seed, _PLAN, SPLITS.index(split))
         # Balanced prototypes; dyads sharing a prototype get different reaction styles, so every
         # speaker behaviour comes with several appropriate reactions (the one-to-many relation).
-        prototypes = rng.permutation([i % N_PROTOTYPES for i in range(count)])
-        style_offset = rng.integers(0, len(REACTION_STYLES), N_PROTOTYPES)
-        seen_proto = [0] * N_PROTOTYPES
+        prototypes = rng.permutation([i % groups for i in range(count)])
+        style_offset = rng.integers(0, len(styles), groups)
+        seen_proto = [0] * groups
         open_session: dict[str, tuple[str, int, tuple[str, str]]] = {}
         for j in range(count):
             site = _site(ordinal, release)
@@ -165,9 +162,9 @@ def plan_dyads(dyads: tuple[int, int, int], seed: int = 0, release: str = "2024"
             speaker = f"{site}/{name}/{roles[0]}/{used}"
             listener = f"{site}/{name}/{roles[1]}/{used}"
             proto = int(prototypes[j])
-            style = REACTION_STYLES[(style_offset[proto] + seen_proto[proto]) % len(REACTION_STYLES)]
+            style = styles[(style_offset[proto] + seen_proto[proto]) % len(styles)]
             seen_proto[proto] += 1
-            lag = int(rng.integers(LAG_FRAMES[0], LAG_FRAMES[1] + 1))
+            lag = int(rng.integers(lags[0], lags[1] + 1))
             plans.append(DyadPlan(split, ordinal, site, speaker, listener, proto, style, lag))
             ordinal += 1
     return plans
@@ -192,121 +189,6 @@ def appropriateness(plans: list[DyadPlan]) -> tuple[list[tuple[str, str, str]], 
     ids = {c: i for i, c in enumerate(dict.fromkeys(classes))}
     code = np.array([ids[c] for c in classes])
     return rows, (code[:, None] == code[None, :]).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# Behaviour: smooth latent trajectories
-
-
-def _smooth(rng: np.random.Generator, frames: int, channels: int, fmin: float = 0.04,
-            fmax: float = 0.35, components: int = 4) -> np.ndarray:
-    """[T, C] smooth zero-mean signals of roughly unit amplitude: sums of slow sinusoids."""
-    t = np.arange(frames) / FPS
-    freq = rng.uniform(fmin, fmax, (components, channels))
-    phase = rng.uniform(0, 2 * np.pi, (components, channels))
-    amp = rng.uniform(0.5, 1.0, (components, channels))
-    x = (amp[None] * np.sin(2 * np.pi * freq[None] * t[:, None, None] + phase[None])).sum(1)
-    return x / np.sqrt((amp ** 2).sum(0) / 2)[None]
-
-
-def _hann_smooth(x: np.ndarray, width: int) -> np.ndarray:
-    if width <= 1:
-        return x
-    w = np.hanning(width + 2)[1:-1]
-    w /= w.sum()
-    pad = np.pad(x, [(width // 2, width - 1 - width // 2)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-    if x.ndim == 1:
-        return np.convolve(pad, w, mode="valid")
-    return np.stack([np.convolve(pad[:, c], w, mode="valid") for c in range(x.shape[1])], 1)
-
-
-def _speech_bursts(rng: np.random.Generator, frames: int) -> np.ndarray:
-    """[T] speech envelope in [0, 1]: talk spurts of 1-4 s separated by 0.3-1.5 s pauses."""
-    env = np.zeros(frames)
-    t = int(rng.integers(0, 20))
-    while t < frames:
-        length = int(rng.uniform(1.0, 4.0) * FPS)
-        env[t:t + length] = rng.uniform(0.6, 1.0)
-        t += length + int(rng.uniform(0.3, 1.5) * FPS)
-    return np.clip(_hann_smooth(env, 5), 0, 1)
-
-
-def _blinks(rng: np.random.Generator, frames: int) -> np.ndarray:
-    """[T] eye opening in [0.05, 1] with a blink every 2.5-6 s."""
-    eyes = np.ones(frames)
-    profile = np.array([0.55, 0.1, 0.05, 0.3, 0.75])
-    t = int(rng.integers(5, 60))
-    while t < frames:
-        n = min(len(profile), frames - t)
-        eyes[t:t + n] = np.minimum(eyes[t:t + n], profile[:n])
-        t += int(rng.uniform(2.5, 6.0) * FPS)
-    return eyes
-
-
-_MOODS = np.array([[0.45, 0.10, -0.25],    # cheerful
-                   [-0.20, -0.10, 0.45],   # serious
-                   [0.10, 0.45, -0.05]])   # animated / surprised
-
-
-def prototype_behaviour(p: int, frames: int, seed: int) -> dict[str, np.ndarray]:
-    """Speaker prototype ``p``: smooth expression [T,3], head pose [T,3] and speech envelope [T]."""
-    rng = _rng(seed, _PROTO, p)
-    mood = _MOODS[p % len(_MOODS)] if p < len(_MOODS) else rng.uniform(-0.3, 0.4, 3)
-    expression = mood[None] + 0.4 * _smooth(rng, frames, 3)
-    pose = _smooth(rng, frames, 3, 0.05, 0.3 + 0.15 * p) * np.array([0.22, 0.10, 0.07])
-    return {"expression": expression, "pose": pose, "speech": _speech_bursts(rng, frames)}
-
-
-def speaker_latent(proto: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """[T, 8] speaker latent: the prototype + own variation, syllable rhythm and blinks."""
-    frames = len(proto["speech"])
-    t = np.arange(frames) / FPS
-    z = np.zeros((frames, len(LATENT)))
-    z[:, SMILE:FROWN + 1] = proto["expression"] + 0.12 * _smooth(rng, frames, 3)
-    z[:, YAW:] = proto["pose"] + 0.04 * _smooth(rng, frames, 3)
-    rate, phase = rng.uniform(3.5, 5.0), rng.uniform(0, 2 * np.pi)
-    syllables = 0.5 + 0.5 * np.sin(2 * np.pi * rate * t + phase + 0.8 * np.sin(2 * np.pi * 0.3 * t))
-    z[:, MOUTH] = proto["speech"] * (0.15 + 0.85 * syllables)
-    z[:, EYES] = _blinks(rng, frames)
-    return _clip_latent(z)
-
-
-def listener_latent(speaker: np.ndarray, style: str, lag: int, rng: np.random.Generator) -> np.ndarray:
-    """[T, 8] reaction ``lag`` frames after the speaker, in one of ``REACTION_STYLES``."""
-    frames = len(speaker)
-    t = np.arange(frames) / FPS
-    lag = min(lag, frames - 1)           # very short test clips
-    s = np.concatenate([np.repeat(speaker[:1], lag, 0), speaker[:frames - lag]])  # delayed speaker
-    speech = np.clip(_hann_smooth(s[:, MOUTH], 9) * 1.6, 0, 1)       # how much the speaker talks
-    z = np.zeros_like(speaker)
-    if style == "mirror":            # copies the speaker's expression and head motion
-        z[:, SMILE:FROWN + 1] = 0.85 * s[:, SMILE:FROWN + 1]
-        z[:, YAW:] = s[:, YAW:] * np.array([-0.6, 0.6, -0.6])
-    elif style == "complementary":   # encouraging: smiles while the speaker talks, nods, concern for frowns
-        z[:, SMILE] = 0.7 * speech - 0.5 * s[:, FROWN] - 0.1
-        z[:, BROW] = 0.6 * s[:, FROWN] - 0.3 * s[:, SMILE]
-        z[:, FROWN] = -0.4 * s[:, SMILE]
-        z[:, PITCH] = 0.16 * speech * np.sin(2 * np.pi * 1.6 * t)
-        z[:, YAW] = 0.3 * s[:, YAW]
-    elif style == "dampened":        # a faint, slow echo of the speaker
-        slow = _hann_smooth(s, 15)
-        z[:, SMILE:FROWN + 1] = 0.35 * slow[:, SMILE:FROWN + 1]
-        z[:, YAW:] = 0.3 * slow[:, YAW:]
-    else:
-        raise ValueError(f"unknown reaction style {style!r} (known: {', '.join(REACTION_STYLES)})")
-    z[:, SMILE:FROWN + 1] += 0.08 * _smooth(rng, frames, 3)
-    z[:, YAW:] += 0.03 * _smooth(rng, frames, 3)
-    z[:, MOUTH] = 0.06 + 0.08 * np.clip(_smooth(rng, frames, 1, 0.1, 0.6)[:, 0], 0, None)  # back-channel
-    z[:, EYES] = _blinks(rng, frames)
-    return _clip_latent(z)
-
-
-def _clip_latent(z: np.ndarray) -> np.ndarray:
-    z[:, MOUTH] = np.clip(z[:, MOUTH], 0, 1)
-    z[:, SMILE:FROWN + 1] = np.clip(z[:, SMILE:FROWN + 1], -1, 1)
-    z[:, EYES] = np.clip(z[:, EYES], 0.05, 1)
-    z[:, YAW:] = np.clip(z[:, YAW:], -0.6, 0.6)
-    return z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,9 +565,12 @@ class SynthSummary:
         return asdict(self)
 
 
-def _params(dyads, frames, seed, release) -> dict:
-    return {"version": SYNTH_VERSION, "dyads": dict(zip(SPLITS, dyads)), "frames": frames,
-            "seed": seed, "release": release}
+def _params(dyads, frames, seed, release, behaviour="prototype") -> dict:
+    params = {"version": SYNTH_VERSION, "dyads": dict(zip(SPLITS, dyads)), "frames": frames,
+              "seed": seed, "release": release}
+    if behaviour != "prototype":      # datasets made before behaviour models existed stay valid
+        params["behaviour"] = behaviour
+    return params
 
 
 def _written_names() -> list[str]:
@@ -722,12 +607,15 @@ def _auto_workers(n_clips: int, frames: int) -> int:
 
 def generate(out: str, dyads: tuple[int, int, int] | list[int] = (8, 4, 4), frames: int = 751,
              seed: int = 0, release: str = "2024", workers: int | None = None,
-             overwrite: bool = False) -> SynthSummary:
+             overwrite: bool = False, behaviour: str = "prototype") -> SynthSummary:
     """Write a synthetic REACT dataset to ``out`` (local or s3://) and return what was made.
 
     ``dyads`` = (train, val, test) dyad counts; each dyad is two person clips of ``frames`` frames.
     Re-running with the same parameters on a complete dataset does nothing (``skipped=True``).
+    ``behaviour`` picks the behaviour model (``pipeline.behaviour.BEHAVIOURS``).
     """
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {behaviour!r}; known: {', '.join(BEHAVIOURS)}")
     dyads = tuple(int(d) for d in dyads)
     if len(dyads) != 3 or min(dyads) < 0 or sum(dyads) == 0:
         raise ValueError(f"dyads must be three non-negative counts (train, val, test), not all zero; got {dyads}")
@@ -738,22 +626,23 @@ def generate(out: str, dyads: tuple[int, int, int] | list[int] = (8, 4, 4), fram
     if release not in ("2024", "2023"):
         raise ValueError(f"release must be 2024 or 2023, got {release!r}")
     start = time.perf_counter()
-    params = _params(dyads, frames, seed, release)
+    params = _params(dyads, frames, seed, release, behaviour)
     previous = _prepare_out(out, params, overwrite)
     if previous is not None:
         log.info("%s: identical synthetic dataset already complete, nothing to do", out)
         return previous
 
-    plans = plan_dyads(dyads, seed, release)
-    prototypes = {p: prototype_behaviour(p, frames, seed) for p in range(N_PROTOTYPES)}
+    plans = plan_dyads(dyads, seed, release, behaviour)
+    model = BEHAVIOURS[behaviour]
+    prototypes = {p: model.group(p, frames, seed) for p in range(model.groups)}
     remote = storage.is_remote(out)
     with tempfile.TemporaryDirectory(prefix="reactdiff-synth-") as tmp:
         local = tmp if remote else storage.filesystem(out)[1]
         os.makedirs(local, exist_ok=True)
         jobs = []
         for plan in plans:
-            s = speaker_latent(prototypes[plan.prototype], _rng(seed, _PERSON, 2 * plan.ordinal))
-            lat = listener_latent(s, plan.style, plan.lag, _rng(seed, _REACT, plan.ordinal))
+            s = model.speaker(prototypes[plan.prototype], _rng(seed, _PERSON, 2 * plan.ordinal))
+            lat = model.listener(s, plan.style, plan.lag, _rng(seed, _REACT, plan.ordinal))
             jobs.append(ClipJob(local, plan.split, plan.speaker, 2 * plan.ordinal, seed, release, s))
             jobs.append(ClipJob(local, plan.split, plan.listener, 2 * plan.ordinal + 1, seed, release, lat))
         n_workers = workers or _auto_workers(len(jobs), frames)

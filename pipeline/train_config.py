@@ -27,7 +27,7 @@ class StageSettings:
     """Optimisation of one stage; ``None`` = the generator preset's value (reference settings)."""
 
     epochs: int | None = None
-    batch_size: int | None = None        # clips (stage 1) / directed items (stage 2) per worker and step
+    batch_size: int | None = None        # clips (stage 1) / directed items (stage 2) per optimiser step, all workers together
     lr: float | None = None
     weight_decay: float | None = None
     ema_decay: float | None = None

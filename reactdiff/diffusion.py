@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DenoiserFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+# "epsilon": the network predicts the added noise (DDPM, the reference). "x0": it predicts the
+# clean sample; on small data and few steps this gives smoother, better-conditioned latents
+# (docs/model.md has the measurements), and the sampler re-derives ε from it.
+PREDICTIONS = ("epsilon", "x0")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class DiffusionConfig:
     loss_weight: float = 10.0      # reference multiplier: loss = 10 · mean |ε̂ − ε|
     clip_x0: bool = True           # clamp x̂₀ to [−1, 1] while sampling (latents are min-max normalised)
     eta: float = 0.0               # DDIM stochasticity; 0 = deterministic given x_T (reference)
+    prediction: str = "epsilon"    # what the network predicts: "epsilon" (reference) or "x0"
 
     def __post_init__(self) -> None:
         if self.schedule != "cosine":
@@ -41,6 +46,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.loss={self.loss!r}: expected 'l1' or 'l2'")
         if self.num_timesteps < 1:
             raise ValueError("diffusion.num_timesteps must be ≥ 1")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction={self.prediction!r}: expected one of {PREDICTIONS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +142,12 @@ class NoiseSchedule:
 # ----------------------------------------------------------------------------------------------
 
 def epsilon_loss(denoiser_fn: DenoiserFn, x0: Tensor, schedule: NoiseSchedule, cond: Tensor | None = None,
-                 *, loss: str = "l1", weight: float = 10.0,
+                 *, loss: str = "l1", weight: float = 10.0, prediction: str = "epsilon",
                  generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """ε-prediction loss, t ~ U{0..T−1} and ε ~ N(0, I) per example (DDPM "L_simple").
+    """Denoising loss, t ~ U{0..T−1} and ε ~ N(0, I) per example (DDPM "L_simple").
 
-    Returns ``weight · mean |ε̂ − ε|`` (or squared for ``loss="l2"``) and the unweighted term.
+    Returns ``weight · mean |ε̂ − ε|`` (or squared for ``loss="l2"``) and the unweighted term;
+    with ``prediction="x0"`` the network's output is compared with x₀ instead of ε.
     Random numbers come from ``generator`` (on its device) when one is given.
     """
     n = x0.shape[0]
@@ -147,9 +155,10 @@ def epsilon_loss(denoiser_fn: DenoiserFn, x0: Tensor, schedule: NoiseSchedule, c
     t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=gen_device).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
     x_t = schedule.add_noise(x0, noise, t)
-    eps_hat = denoiser_fn(x_t, t, cond)
-    term = F.l1_loss(eps_hat, noise) if loss == "l1" else F.mse_loss(eps_hat, noise)
-    return weight * term, {f"eps_{loss}": term.detach()}
+    out = denoiser_fn(x_t, t, cond)
+    target, name = (noise, "eps") if prediction == "epsilon" else (x0, "x0")
+    term = F.l1_loss(out, target) if loss == "l1" else F.mse_loss(out, target)
+    return weight * term, {f"{name}_{loss}": term.detach()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,13 +213,14 @@ def ddim_sample(denoiser_fn: DenoiserFn, shape: tuple[int, ...], schedule: Noise
                 cond: Tensor | None = None, steps: int | None = None, eta: float = 0.0,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None, *, clip_x0: bool = True,
                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                noise: Tensor | None = None) -> Tensor:
+                noise: Tensor | None = None, prediction: str = "epsilon") -> Tensor:
     """DDIM sampling (Song et al. 2021, Algorithm of §4.1) from x_T ~ N(0, I) to x̂₀.
 
     One call of ``denoiser_fn`` per step on the whole batch. Noise is drawn from
     ``generator`` on the generator's own device (CPU by default) and then moved, so a seed
     gives the same x_T on every device; a sequence of generators gives each equal block of the
     batch its own stream (see ``randn``). ``noise`` overrides the initial x_T.
+    ``prediction="x0"``: the denoiser returns x̂₀, from which ε̂ is derived for the update.
     """
     device = torch.device(device) if device is not None else (cond.device if cond is not None else torch.device("cpu"))
     x = noise.to(device, dtype) if noise is not None else randn(shape, generator, device, dtype)
@@ -219,6 +229,8 @@ def ddim_sample(denoiser_fn: DenoiserFn, shape: tuple[int, ...], schedule: Noise
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = denoiser_fn(x, t_batch, cond)
+        if prediction == "x0":
+            eps = schedule.predict_eps(x, eps, t)
         step_noise = randn(shape, generator, device, dtype) if (eta > 0 and t_prev >= 0) else None
         x, _ = ddim_step(schedule, eps, t, t_prev, x, eta=eta, clip_x0=clip_x0, noise=step_noise)
     return x

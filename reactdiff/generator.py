@@ -31,11 +31,16 @@ from torch import Tensor, nn
 
 from reactdiff.diffusion import DiffusionConfig, NoiseSchedule, ddim_sample, epsilon_loss
 from reactdiff.mmt import MMTAutoencoder, MMTConfig
+from reactdiff.temporal import SequenceCondition, TemporalConfig, TemporalDenoiser
 from reactdiff.training import TrainSettings
 from reactdiff.unet import UNet1D, UNetConfig
 
 FORMAT = "reactdiff-generator/1"
 STAGES = ("autoencoder", "diffusion")
+# Stage-2 designs. "reference": the paper's windowed UNet (frames as channels, 15 independent
+# 2-s windows, per-frame latent statistics). "temporal": a dilated temporal denoiser over the
+# whole clip, conditioned frame by frame on the speaker (reactdiff.temporal, docs/model.md).
+ARCHITECTURES = ("reference", "temporal")
 
 
 class CheckpointError(ValueError):
@@ -51,6 +56,8 @@ class GeneratorConfig:
     mmt: MMTConfig = field(default_factory=MMTConfig)
     denoiser: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    architecture: str = "reference"    # stage-2 design, one of ARCHITECTURES
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)   # used when architecture="temporal"
     seq_len: int = 750                 # frames per clip the model sees (REACT clips have 751; frames 0..749)
     window: int = 50                   # frames per diffusion window (= UNet channels); 750 → 15 windows
     latent_eps: float = 1e-4           # s in the min-max normalisation, guards a zero range
@@ -59,6 +66,10 @@ class GeneratorConfig:
     stage2: TrainSettings = field(default_factory=lambda: TrainSettings(lr=5e-5))
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r}: expected one of {ARCHITECTURES}")
+        if self.temporal_denoiser:
+            return   # no windows and no UNet: the checks below are the reference design's
         if self.seq_len % self.window:
             raise ValueError(f"seq_len={self.seq_len} must be a multiple of window={self.window}")
         factor = 2 ** (len(self.denoiser.channel_mult) - 1)
@@ -69,8 +80,13 @@ class GeneratorConfig:
             raise ValueError("denoiser.cond_dim must be > 0: ReactDiff conditions every window on the speaker")
 
     @property
+    def temporal_denoiser(self) -> bool:
+        return self.architecture == "temporal"
+
+    @property
     def num_windows(self) -> int:
-        return self.seq_len // self.window
+        """Diffusion windows per clip: 15 × 50 frames (reference); the whole clip is one (temporal)."""
+        return 1 if self.temporal_denoiser else self.seq_len // self.window
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-compatible dict (tuples become lists)."""
@@ -182,6 +198,9 @@ class LatentStatistics(nn.Module):
     denormalises with z = (p + 1)·R/2 + m, so the two are not inverses (z ↦ m + R(z − m)) and,
     with x̂₀ clamped to [−1, 1], the decoder sees a distorted latent. We fix it;
     ``reference_bug=True`` reproduces the reference mapping for a faithful reproduction.
+
+    ``seq_len=1`` keeps one min/max per dimension, shared by every frame (the temporal variant):
+    then any number of frames can be normalised, which per-frame-index statistics cannot do.
     """
 
     def __init__(self, seq_len: int, feature_dim: int, eps: float = 1e-4, reference_bug: bool = False):
@@ -210,11 +229,20 @@ class LatentStatistics(nn.Module):
             z = z[None]
         self._check(z)
         z = z.to(self.minimum.dtype)
-        torch.minimum(self.minimum, z.amin(dim=0), out=self.minimum)
-        torch.maximum(self.maximum, z.amax(dim=0), out=self.maximum)
+        dims = (0, 1) if self.shared_over_time else (0,)
+        torch.minimum(self.minimum, z.amin(dim=dims), out=self.minimum)
+        torch.maximum(self.maximum, z.amax(dim=dims), out=self.maximum)
         self.count += z.shape[0]
 
+    @property
+    def shared_over_time(self) -> bool:
+        return self.minimum.shape[0] == 1
+
     def _check(self, z: Tensor) -> None:
+        if self.shared_over_time:
+            if z.shape[-1] != self.minimum.shape[-1]:
+                raise ValueError(f"latents of width {z.shape[-1]} do not match the statistics' {self.minimum.shape[-1]}")
+            return
         if tuple(z.shape[-2:]) != tuple(self.minimum.shape):
             raise ValueError(f"latents of shape {tuple(z.shape)} do not match the statistics "
                              f"[seq_len, fd] = {tuple(self.minimum.shape)}")
@@ -271,9 +299,14 @@ class ReactDiffGenerator(nn.Module):
         self.config = config
         fd = config.mmt.feature_dim
         self.autoencoder = MMTAutoencoder(config.mmt)
-        self.cond = SpeakerCondition(config.window, fd, config.denoiser.cond_dim, config.denoiser.norm_groups)
-        self.denoiser = UNet1D(config.denoiser, in_channels=config.window)
-        self.latent_stats = LatentStatistics(config.seq_len, fd, config.latent_eps, config.reference_normalisation_bug)
+        if config.temporal_denoiser:
+            self.cond = SequenceCondition(fd, config.temporal.cond_channels)
+            self.denoiser = TemporalDenoiser(config.temporal, fd)
+        else:
+            self.cond = SpeakerCondition(config.window, fd, config.denoiser.cond_dim, config.denoiser.norm_groups)
+            self.denoiser = UNet1D(config.denoiser, in_channels=config.window)
+        stat_frames = 1 if config.temporal_denoiser else config.seq_len
+        self.latent_stats = LatentStatistics(stat_frames, fd, config.latent_eps, config.reference_normalisation_bug)
         self.register_buffer("mean_face", torch.zeros(config.mmt.tdmm_dim))
         self.schedule = NoiseSchedule.from_config(config.diffusion)
         self.metadata: dict[str, Any] = {}   # free-form, saved with the file (e.g. feature-set hash)
@@ -360,7 +393,10 @@ class ReactDiffGenerator(nn.Module):
         return x[:, : self.config.seq_len].to(device=self.device, dtype=self.dtype)
 
     def to_windows(self, z: Tensor) -> Tensor:
-        """[B, seq_len, fd] → [B · W, window, fd]: W non-overlapping windows per clip."""
+        """[B, seq_len, fd] → [B · W, window, fd]: W non-overlapping windows per clip
+        (the temporal variant denoises whole clips: unchanged)."""
+        if self.config.temporal_denoiser:
+            return z
         b, length, fd = z.shape
         return z.reshape(b * (length // self.config.window), self.config.window, fd)
 
@@ -425,9 +461,15 @@ class ReactDiffGenerator(nn.Module):
         """
         z_speaker, z_listener = (self._crop(z.detach()) for z in (z_speaker, z_listener))
         p_s, p_l = self.latent_stats.normalize(z_speaker), self.latent_stats.normalize(z_listener)
-        d = self.config.diffusion
+        d, frames = self.config.diffusion, self.config.temporal.train_frames
+        if self.config.temporal_denoiser and frames and frames < p_l.shape[1]:
+            # Random crops: more distinct training sequences from few clips, and the network
+            # learns that nothing depends on the absolute frame index (any clip length works).
+            gen_device = generator.device if generator is not None else "cpu"
+            start = int(torch.randint(0, p_l.shape[1] - frames + 1, (1,), generator=generator, device=gen_device))
+            p_s, p_l = p_s[:, start:start + frames], p_l[:, start:start + frames]
         return epsilon_loss(self.denoiser, self.to_windows(p_l), self.schedule, self.cond(self.to_windows(p_s)),
-                            loss=d.loss, weight=d.loss_weight, generator=generator)
+                            loss=d.loss, weight=d.loss_weight, prediction=d.prediction, generator=generator)
 
     @contextlib.contextmanager
     def _sampling_mode(self, decoder_dropout: bool) -> Iterator[None]:
@@ -470,10 +512,12 @@ class ReactDiffGenerator(nn.Module):
             p_s = self.latent_stats.normalize(self.autoencoder.encode(feats))          # [B, L, fd]
             cond = self.cond(self.to_windows(p_s))                                     # [B·W, C]
             # Every sample of a clip shares its speaker windows' condition: order (b, k, w).
-            cond = cond.reshape(b, 1, w, -1).expand(b, k, w, cond.shape[-1]).reshape(b * k * w, -1)
-            x0 = ddim_sample(self.denoiser, (b * k * w, cfg.window, fd), self.schedule, cond, steps=steps,
+            rest = cond.shape[1:]                                                      # [C] or [L, C]
+            cond = cond.reshape(b, 1, w, *rest).expand(b, k, w, *rest).reshape(b * k * w, *rest)
+            window = cfg.seq_len if cfg.temporal_denoiser else cfg.window
+            x0 = ddim_sample(self.denoiser, (b * k * w, window, fd), self.schedule, cond, steps=steps,
                              eta=d.eta if eta is None else float(eta), clip_x0=d.clip_x0, generator=rngs,
-                             device=self.device, dtype=self.dtype)
+                             device=self.device, dtype=self.dtype, prediction=d.prediction)
             z = self.latent_stats.denormalize(self.from_windows(x0, b * k))            # [B·K, L, fd]
             with self._dropout_rng(decoder_dropout, rngs[0]):
                 emotion, tdmm = self.decode(z)

@@ -86,6 +86,24 @@ class MMTConfig:
         return {**self.facial, **self.acoustic}
 
 
+# The reference's attention roles (§3.3), by feature name: the first facial group is the query
+# that self-attends (AU), then attends the others in this order; the first acoustic group
+# (wav2vec2) is the query over the others (MFCC). Names not listed keep their given order after
+# the listed ones.
+FACIAL_ROLES = ("video_au", "video_fe", "video_va")
+ACOUSTIC_ROLES = ("audio_wav2vec2", "audio_mfcc26")
+
+
+def in_role_order(groups: dict[str, int], roles: tuple[str, ...]) -> dict[str, int]:
+    """``groups`` reordered so the attention roles follow the model's definition, not dict order.
+
+    A feature snapshot lists its columns in its own (sorted) order; building the MMT from that
+    would make MFCC the acoustic query and wav2vec2 its key/value, the reverse of the reference.
+    """
+    rank = {name: i for i, name in enumerate(roles)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), list(groups).index(kv[0]))))
+
+
 class MMTOutput(NamedTuple):
     emotion: Tensor               # [B, T, 25]
     tdmm: Tensor                  # [B, T, 58], mean-subtracted space

@@ -3,7 +3,7 @@ MLflow store, and the two stages trained once per session with 2 Ray Train worke
 
 Sizes are the smallest that still exercise everything: 4 train dyads (8 person clips, 8 directed
 items), 2 val dyads, clips of 100 frames = 2 diffusion windows of 50, the ``small`` preset,
-batch 2 per worker, 2 epochs.
+batch 4 (2 per worker), 2 epochs.
 """
 
 from __future__ import annotations

@@ -95,3 +95,48 @@ def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
         (run_dir / f"checkpoint_epoch{epoch:04d}" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="none of its 4 checkpoints is readable"):
         export()
+
+
+def test_global_batch_is_split_over_workers():
+    from pipeline.train import worker_batch_size
+    from pipeline.train_config import TrainError
+
+    assert worker_batch_size(16, 4, 3186) == 4          # the reference's 16 items per step on 4 GPUs
+    assert worker_batch_size(16, 1, 3186) == 16
+    with pytest.raises(TrainError, match="does not divide over 3 workers"):
+        worker_batch_size(16, 3, 3186)
+    assert worker_batch_size(8, 2, 6) == 3              # fewer rows than asked: capped, with a warning
+
+
+def test_paper_stage1_from_a_paper_snapshot_has_the_reference_attention_roles(tmp_path):
+    """The snapshot lists its columns sorted (audio_mfcc26 < audio_wav2vec2); stage 1 built by the
+    training pipeline must still make wav2vec2 the acoustic query and MFCC its key/value (§3.3)."""
+    import torch
+
+    from pipeline import storage
+    from pipeline.features import load_feature_set
+    from pipeline.snapshot import FORMAT, Snapshot
+    from pipeline.train import _generator_config
+    from reactdiff import ReactDiffGenerator, build_generator
+
+    models = {name: str(tmp_path / f"{name}.pt") for name in ("au", "va", "fe", "wav2vec2")}
+    fs = load_feature_set("paper", models)
+    uri = str(tmp_path / "snap")
+    storage.write_json(storage.join(uri, "_manifest.json"), {   # written as extraction writes it
+        "format": FORMAT, "id": "paper-columns", "feature_set": {"hash": "x"},
+        "features": {e.column: {"width": e.width, "dtype": e.dtype, "kind": e.kind} for e in fs.extractors}})
+    snapshot = Snapshot.open(uri)
+    assert list(snapshot.acoustic) == ["audio_mfcc26", "audio_wav2vec2"]     # the trap: sorted order
+
+    gc = _generator_config(TrainConfig(stage="autoencoder", preset="paper"), snapshot, None)
+    with torch.device("meta"):
+        built, preset = ReactDiffGenerator(gc), build_generator("paper")
+    enc = built.autoencoder.encoder
+    assert enc.facial_self.to_q.in_features == 25088 and enc.facial_self.to_k.in_features == 25088
+    assert [list(block) for block in enc.facial_cross] == [["video_fe", "video_va"]] * 2
+    assert [block["video_fe"].to_k.in_features for block in enc.facial_cross] == [1408, 1408]
+    assert list(enc.acoustic_attn) == ["audio_mfcc26"]                       # MFCC is the key/value...
+    assert enc.acoustic_attn["audio_mfcc26"].to_q.in_features == 1536        # ...wav2vec2 the query
+    assert enc.acoustic_attn["audio_mfcc26"].to_k.in_features == 26
+    assert built.parameter_counts() == preset.parameter_counts()
+    assert round(built.parameter_counts()["autoencoder"] / 1e6, 2) == 124.71

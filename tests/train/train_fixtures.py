@@ -12,7 +12,7 @@ def tiny_overrides(snapshot_uri: str, storage_uri: str, tracking_uri: str, stage
     values = {
         "stage": stage, "features": snapshot_uri, "storage_path": storage_uri,
         "mlflow.tracking_uri": tracking_uri,
-        f"{section}.epochs": 2, f"{section}.batch_size": 2,
+        f"{section}.epochs": 2, f"{section}.batch_size": 4,
         "scaling.num_workers": 2, "checkpoint.every": 1, "checkpoint.num_to_keep": 2,
         "validation.max_items": 4, "validation.samples": 2, "validation.steps": 5, "validation.plot_every": 1,
         "data.encode_batch_size": 4, "data.encode_actors": 1,
