@@ -78,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
 
-    from pipeline import runtime
-
-    runtime.apply_hermetic_env()
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "quick": args.quick, "machine": machine(), "results": {}}
     failed = []

@@ -1,8 +1,12 @@
 """The one place that starts or attaches Ray and resolves the embedded defaults.
 
-Local Ray is started in-process, loopback-only, without telemetry or cloud-metadata probes
-(DESIGN.md §3). ``RAY_ADDRESS`` (or an explicit address) attaches to an existing cluster
-instead, which is what ``ray job submit`` entrypoints do.
+Local Ray is started in-process and bound to loopback through Ray's own settings, with
+telemetry off (DESIGN.md §3). ``RAY_ADDRESS`` (or an explicit address) attaches to an existing
+cluster instead, which is what ``ray job submit`` entrypoints do.
+
+Nothing here touches proxies or any other part of the network environment: jobs must reach
+real S3 and a real MLflow server, from the driver and from every Ray worker. Importing
+``pipeline`` changes no environment variable at all.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Set before Ray starts. Proxies pointing at a closed loopback port stop Ray's cloud-metadata
-# probes; NO_PROXY keeps loopback traffic (moto, mlflow server, the Ray head) working.
-HERMETIC_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray listener binds 127.0.0.1
+LOOPBACK = "127.0.0.1"
+
+# Ray's own settings for a local, private node, exported only when this process starts local
+# Ray (the raylet and every worker inherit them). Ray evaluates the first one when ``ray`` is
+# first imported: with it, every listener binds 127.0.0.1 instead of all interfaces.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Telemetry off. It also turns off the only cloud-metadata probes Ray makes on a CPU/GPU
+    # machine: Ray asks the AWS/GCP/Azure metadata addresses for its usage report only
+    # (ray._common.usage.usage_lib.get_cloud_from_metadata_requests); the GCE probe in TPU
+    # detection runs only where TPU devices exist and we pin TPU to 0 (see init_ray).
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
 }
 
 # With ray.init(num_cpus=2), a 2-worker TorchTrainer fed by read_parquet deadlocks: the train
@@ -72,26 +77,16 @@ def workspace(root: str | os.PathLike | None = None) -> Workspace:
     return Workspace(path)
 
 
-def apply_hermetic_env(*, override: bool = False) -> None:
-    """Export the loopback/no-telemetry variables (kept if the caller already set them).
-
-    Called when ``pipeline`` is imported (unless attaching to a cluster through ``RAY_ADDRESS``
-    or opted out with ``REACTDIFF_HERMETIC=0``, e.g. to reach real S3 from a laptop through a
-    proxy), so the variables are in place before anything imports Ray.
-    """
-    for key, value in HERMETIC_ENV.items():
-        if override or key not in os.environ:
-            os.environ[key] = value
-    # In-process Ray exposes no job API (no dashboard), so token auth has nothing to guard;
-    # a started head (`ray start --head`) uses token auth, see infra/local.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None):
-    """Start local Ray (loopback) or attach to ``address`` / ``$RAY_ADDRESS``. Idempotent."""
+    """Start local Ray (loopback) or attach to ``address`` / ``$RAY_ADDRESS``. Idempotent.
+
+    Attaching changes nothing in the environment: the cluster's nodes have their own settings
+    (ray_cluster.yaml, infra/k8s) and must reach their peers, S3 and MLflow over the network.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        apply_hermetic_env()  # before Ray is imported: it reads some variables at import time
+        # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import time.
+        os.environ.update(LOCAL_RAY_ENV)
     import ray
 
     if ray.is_initialized():
@@ -99,30 +94,53 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address:
         log.info("attaching to Ray cluster at %s", address)
         return ray.init(address=address, log_to_driver=True)
-    _force_loopback(ray)
+    _force_loopback()
     cpus = num_cpus or max(MIN_LOGICAL_CPUS, os.cpu_count() or 1)
-    log.info("starting local Ray on 127.0.0.1 with %d logical CPUs", cpus)
+    log.info("starting local Ray on %s with %d logical CPUs", LOOPBACK, cpus)
     return ray.init(
         num_cpus=cpus,
         num_gpus=num_gpus,
+        # TPU: 0 skips Ray's TPU detection, which asks the GCE metadata server for the TPU
+        # type on hosts that merely have /dev/vfio groups.
+        resources={"TPU": 0},
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=LOOPBACK,
         log_to_driver=True,
         configure_logging=False,
     )
 
 
-def _force_loopback(ray) -> None:
-    """Bind every listener to 127.0.0.1 even if Ray was imported before our variables were set.
+def _force_loopback() -> None:
+    """Bind every listener to 127.0.0.1 even if Ray was imported before LOCAL_RAY_ENV was set.
 
-    Ray evaluates RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is first imported; a job
-    that imported Ray earlier would otherwise start a node listening on every interface.
+    Ray evaluates RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when ``ray`` is first imported, into
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``; a job that imported Ray earlier would
+    otherwise start a node whose agents listen on every interface. The constant is private,
+    so its absence (a future Ray) is reported rather than assumed.
     """
-    from ray._private import ray_constants
-
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        ray_constants = None
+    if ray_constants is None or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        log.warning("this Ray has no ray_constants.ENABLE_RAY_CLUSTER; local Ray relies on "
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 being set before Ray was imported")
+        return
     if ray_constants.ENABLE_RAY_CLUSTER:
-        log.debug("Ray was imported before the loopback variables were set; forcing loopback")
+        log.debug("Ray was imported before the loopback settings; forcing loopback")
         ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is a loopback address (IPv4 127/8, ::1 or IPv4-mapped 127/8)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def shutdown_ray() -> None:

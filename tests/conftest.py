@@ -1,8 +1,9 @@
 """Session fixtures: hermetic environment, local Ray on loopback, moto S3, MLflow sqlite.
 
-The loopback/no-telemetry variables are exported at import time, before anything can start
-Ray (DESIGN.md §3). S3 variables are exported before Ray starts too, so Ray workers inherit
-the moto endpoint and the dummy credentials.
+The suite's own hermetic variables (dead proxies, no telemetry, no Ray auth) are exported at
+import time, before anything can start Ray (DESIGN.md §3). They belong to the tests only: the
+library sets none of them. S3 variables are exported before Ray starts too, so Ray workers
+inherit the moto endpoint and the dummy credentials.
 """
 
 from __future__ import annotations
@@ -18,8 +19,26 @@ import pytest
 
 from pipeline import runtime
 
-runtime.apply_hermetic_env(override=True)
-os.environ["RAY_AUTH_MODE"] = "disabled"
+# The same set as the Makefile's test target and .ci/run. Proxies pointing at a closed
+# loopback port make any request that is not to loopback fail fast (no cloud-metadata probes,
+# no stray downloads); NO_PROXY keeps moto, `mlflow server` and the Ray head reachable.
+# Servers that must look "not local" listen on 127.0.0.2, outside NO_PROXY.
+DEAD_PROXY = "http://127.0.0.1:9"
+HERMETIC_TEST_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_AUTH_MODE": "disabled",
+    "HTTP_PROXY": DEAD_PROXY,
+    "HTTPS_PROXY": DEAD_PROXY,
+    "http_proxy": DEAD_PROXY,
+    "https_proxy": DEAD_PROXY,
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy",
+              "ALL_PROXY", "all_proxy")
+os.environ.update(HERMETIC_TEST_ENV)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Dummy credentials only ever valid for the moto server below.
@@ -29,6 +48,14 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 })
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> dict[str, str]:
+    """The environment of a user's shell: this process's, without the suite's hermetic
+    variables (dead proxies, Ray/MLflow settings) and without RAY_ADDRESS."""
+    drop = set(HERMETIC_TEST_ENV) | set(PROXY_VARS) | {"RAY_ADDRESS"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 def free_port() -> int:

@@ -11,9 +11,22 @@ from pipeline import runtime
 LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
 
 
-def test_hermetic_env_is_set_before_ray():
-    for key, value in runtime.HERMETIC_ENV.items():
-        assert os.environ[key] == value
+def test_importing_the_library_changes_no_environment_variable(clean_env):
+    """`import pipeline` (and every module a job imports) exports nothing: no proxies, no Ray
+    settings. A clean interpreter imports them and compares its environment before/after."""
+    import sys
+
+    script = ("import json, os, sys\n"
+              "before = dict(os.environ)\n"
+              "import pipeline, pipeline.runtime, pipeline.storage, pipeline.extract, pipeline.train\n"
+              "import pipeline.evaluate, pipeline.generate, jobs.cli\n"
+              "after = dict(os.environ)\n"
+              "print(json.dumps({k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=clean_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
 
 
 def test_workspace_defaults(workdir):
@@ -65,7 +78,7 @@ def test_init_ray_is_idempotent(ray_local):
 
 
 @pytest.mark.parametrize("import_ray_first", [False, True])
-def test_loopback_even_without_env_and_with_early_ray_import(tmp_path, import_ray_first):
+def test_loopback_even_without_env_and_with_early_ray_import(tmp_path, import_ray_first, clean_env):
     """A job started without the variables (e.g. from a bare shell), even one that imported
     Ray before our runtime, still binds every Ray listener to loopback."""
     import sys
@@ -83,8 +96,8 @@ def test_loopback_even_without_env_and_with_early_ray_import(tmp_path, import_ra
         "rows = [l.split()[3] for l in out.splitlines() if any(f'pid={p},' in l for p in pids)]\n"
         "print('LISTEN', ' '.join(rows))\n"
     )
-    env = {k: v for k, v in os.environ.items()
-           if k not in runtime.HERMETIC_ENV and k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
+    env = {k: v for k, v in clean_env.items() if k != "AWS_ENDPOINT_URL"}
+    env["RAY_AUTH_MODE"] = "disabled"     # Ray's default (token) would write ~/.ray/auth_token
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
     line = [l for l in proc.stdout.splitlines() if l.startswith("LISTEN")]
     assert line, proc.stderr[-2000:]

@@ -61,15 +61,17 @@ PY="$VENV/bin/python"
 RAY="$VENV/bin/ray"
 MLFLOW="$VENV/bin/mlflow"
 
-# Loopback only, no telemetry, no cloud-metadata probes (DESIGN.md §3). Applied to the
-# processes this script starts, not to the caller's shell.
-HERMETIC_ENV=(
+# Loopback only and no telemetry through Ray's/MLflow's own settings (DESIGN.md §3); with usage
+# stats off Ray makes no cloud-metadata probes. Applied to the processes this script starts,
+# not to the caller's shell. No proxy is set or removed: jobs on this head may read real S3.
+# Loopback is added to NO_PROXY so that a proxy of the user's never sees the stack's traffic.
+_no_proxy="${NO_PROXY:-${no_proxy:-}}"
+_no_proxy="${_no_proxy:+$_no_proxy,}127.0.0.1,localhost"
+LOOPBACK_ENV=(
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     RAY_USAGE_STATS_ENABLED=0
     MLFLOW_DISABLE_TELEMETRY=true
-    HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9
-    http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9
-    NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+    NO_PROXY="$_no_proxy" no_proxy="$_no_proxy"
 )
 # Dummy credentials, only ever valid for the moto server of this stack.
 MOTO_CREDS=(
@@ -163,7 +165,7 @@ wait_http() {  # wait_http NAME URL SECONDS PID: until URL answers (any HTTP sta
         if ! kill -0 "$pid" 2>/dev/null; then
             return 1
         fi
-        if env "${HERMETIC_ENV[@]}" "$PY" - "$url" <<'EOF' 2>/dev/null
+        if env "${LOOPBACK_ENV[@]}" "$PY" - "$url" <<'EOF' 2>/dev/null
 import sys, urllib.error, urllib.request
 try:
     urllib.request.urlopen(sys.argv[1], timeout=2)
@@ -242,10 +244,10 @@ EOF
     trap 'log "start failed, stopping what was started (logs: $LOG_DIR)"; write_state; cmd_stop >&2 || true; exit 1' ERR
 
     # 1. S3: moto server ------------------------------------------------------------------
-    MOTO_PID="$(launch "$LOG_DIR/moto.log" env "${HERMETIC_ENV[@]}" "$PY" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT")"
+    MOTO_PID="$(launch "$LOG_DIR/moto.log" env "${LOOPBACK_ENV[@]}" "$PY" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT")"
     write_state
     wait_http moto "$S3_ENDPOINT/moto-api/" 60 "$MOTO_PID" || false
-    env "${HERMETIC_ENV[@]}" "${MOTO_CREDS[@]}" "$PY" - "$S3_ENDPOINT" "$BUCKET" <<'EOF'
+    env "${LOOPBACK_ENV[@]}" "${MOTO_CREDS[@]}" "$PY" - "$S3_ENDPOINT" "$BUCKET" <<'EOF'
 import sys, boto3
 endpoint, bucket = sys.argv[1:]
 boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
@@ -254,7 +256,7 @@ EOF
 
     # 2. MLflow tracking server (started, awaited after the Ray head) ---------------------
     rm -f "$STATE_DIR/mlflow.db"
-    MLFLOW_PID="$(launch "$LOG_DIR/mlflow.log" env "${HERMETIC_ENV[@]}" "${MOTO_CREDS[@]}" \
+    MLFLOW_PID="$(launch "$LOG_DIR/mlflow.log" env "${LOOPBACK_ENV[@]}" "${MOTO_CREDS[@]}" \
         AWS_ENDPOINT_URL="$S3_ENDPOINT" MLFLOW_S3_ENDPOINT_URL="$S3_ENDPOINT" \
         "$MLFLOW" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
         --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" \
@@ -267,7 +269,7 @@ EOF
     # (GCS, raylet, dashboard, agents, workers) is this session. Jobs inherit this env (the
     # venv first on PATH, S3 and MLflow endpoints, token auth) and its working directory, the
     # repository root, so `--config jobs/configs/<job>.yaml` resolves without --working-dir.
-    RAY_PID="$(cd "$REPO_ROOT" && launch "$LOG_DIR/ray-head.log" env "${HERMETIC_ENV[@]}" "${MOTO_CREDS[@]}" \
+    RAY_PID="$(cd "$REPO_ROOT" && launch "$LOG_DIR/ray-head.log" env "${LOOPBACK_ENV[@]}" "${MOTO_CREDS[@]}" \
         PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV" \
         RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
         AWS_ENDPOINT_URL="$S3_ENDPOINT" MLFLOW_TRACKING_URI="$MLFLOW_URI" \
@@ -302,7 +304,7 @@ wait_ray_ready() {  # the job API answers with the token: the head accepts submi
     local port="$1" deadline=$((SECONDS + $2)) pid="$3"
     while (( SECONDS < deadline )); do
         kill -0 "$pid" 2>/dev/null || return 1
-        if env "${HERMETIC_ENV[@]}" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+        if env "${LOOPBACK_ENV[@]}" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
             "$RAY" job list --address "http://127.0.0.1:$port" >/dev/null 2>&1; then
             return 0
         fi

@@ -45,9 +45,7 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"      # Ray Train's record of p
 TRAIN_SCRIPT = """
 import json, logging, os, sys
 sys.path.insert(0, sys.argv[2])                      # tests/train: train_fixtures
-from pipeline import runtime
-runtime.apply_hermetic_env(override=True)
-os.environ["RAY_AUTH_MODE"] = "disabled"
+from pipeline import runtime                         # the suite's hermetic env is inherited
 logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 for noisy in ("urllib3", "botocore", "aiobotocore", "matplotlib", "PIL", "filelock", "git", "alembic"):
     logging.getLogger(noisy).setLevel(logging.INFO)
