@@ -106,6 +106,17 @@ def test_every_node_reaches_s3_through_an_instance_profile(config):
         assert t["node_config"]["MetadataOptions"]["HttpTokens"] == "required", f"{name}: IMDSv1"
 
 
+def test_every_node_starts_ray_with_the_s3_region_and_no_proxy(config):
+    # Ray worker processes inherit the `ray start` environment: the region boto3 needs, and
+    # nothing that would route S3/MLflow traffic elsewhere.
+    for which in ("head", "worker"):
+        commands = _start_commands(config, which)
+        assert f"AWS_DEFAULT_REGION={config['provider']['region']}" in commands, which
+        assert commands.index("AWS_DEFAULT_REGION") < commands.index("ray start"), which
+        assert not re.search(r"(?i)_proxy=", commands), which
+    assert not re.search(r"(?i)_proxy=", "\n".join(config["setup_commands"]))
+
+
 def test_no_keys_anywhere_in_the_file():
     text = CONFIG.read_text()
     assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text)

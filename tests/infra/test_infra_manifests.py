@@ -1,19 +1,23 @@
 """KubeRay / Kubernetes manifests in infra/k8s: parsed and checked field by field.
 
 No cluster here, so these are the checks a reviewer would do by hand: kinds and fields the
-target KubeRay (>= 1.6.2) knows, pinned images matching the package pins, entrypoints that name
-real job modules and config files, valid schedules, GPU requests on GPU groups, token auth,
-no plaintext secrets, no externally exposed dashboard, no telemetry.
+target KubeRay knows (RayCluster/RayJob: >= 1.6.2; RayCronJob: >= 1.7.0), read from those
+releases' CRDs (kuberay_crd_fields.json), deletion strategies the operator accepts, pinned
+images matching the package pins, entrypoints that name real job modules and config files,
+valid schedules, GPU requests on GPU groups, token auth, no plaintext secrets, no externally
+exposed dashboard, no telemetry.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import shlex
 from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -31,7 +35,7 @@ JOB_CONFIGS = {
     "promote": "promote.yaml",
     "generate": "generate.yaml",
 }
-PIPELINE_STEPS = {"extract", "train-autoencoder", "train-diffusion", "evaluate", "promote"}
+PIPELINE_STEPS = {"extract", "train-autoencoder", "train-diffusion", "evaluate", "promote", "generate"}
 
 KNOWN_KINDS = {
     ("v1", "Namespace"),
@@ -45,24 +49,15 @@ KNOWN_KINDS = {
     ("ray.io/v1", "RayCronJob"),
 }
 
-# Spec fields of the KubeRay v1.6 CRDs (ray-operator/config/crd/bases). kubectl validates
-# strictly by default, so a field the CRD lacks fails `kubectl apply`.
-RAYCRONJOB_SPEC_FIELDS = {"schedule", "jobTemplate", "suspend"}
-RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy",
-    "metadata", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode",
-    "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
-}
-RAYCLUSTER_SPEC_FIELDS = {
-    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-    "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend",
-    "workerGroupSpecs",
-}
-WORKER_GROUP_FIELDS = {
-    "groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
-    "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds",
-}
+# The CRDs' spec fields (kubectl validates strictly by default, so a field the CRD lacks fails
+# `kubectl apply`): everything must be known to the oldest KubeRay the README supports for it.
+CRDS = json.loads((Path(__file__).with_name("kuberay_crd_fields.json")).read_text())
+MIN_KUBERAY = "v1.6.2"           # RayCluster, RayJob (README: KubeRay >= 1.6.2)
+MIN_KUBERAY_CRONJOB = "v1.7.0"   # RayCronJob: one RayJob per tick (kuberay#4888) and timeZone
+RAYCRONJOB_SPEC_FIELDS = set(CRDS[MIN_KUBERAY_CRONJOB]["RayCronJob.spec"])
+RAYJOB_SPEC_FIELDS = set(CRDS[MIN_KUBERAY]["RayJob.spec"])
+RAYCLUSTER_SPEC_FIELDS = set(CRDS[MIN_KUBERAY]["RayCluster.spec"])
+WORKER_GROUP_FIELDS = set(CRDS[MIN_KUBERAY]["RayCluster.spec.workerGroupSpecs[]"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -428,7 +423,115 @@ def test_schedules_are_valid_cron_and_cannot_overlap():
     ray_period = cron_min_period(ray_cron["schedule"])
     # RayCronJob has no concurrencyPolicy: the deadline must end a run before the next tick.
     assert ray_cron["jobTemplate"]["activeDeadlineSeconds"] < ray_period.total_seconds()
-    assert ray_cron["jobTemplate"]["shutdownAfterJobFinishes"] is True
+    # An explicit zone (KubeRay >= 1.7.0), one the time zone database knows.
+    assert set(ray_cron) >= set(CRDS[MIN_KUBERAY_CRONJOB]["RayCronJob.spec.required"])
+    assert ZoneInfo(ray_cron["timeZone"]) and ray_cron["timeZone"] == cron["timeZone"]
+    # Every tick's extraction cluster is deleted whatever the outcome, the RayJob later.
+    rules = _deletion_rules(ray_cron["jobTemplate"])
+    for condition in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
+        assert {"DeleteCluster", "DeleteSelf"} <= _policies(rules, condition), condition
+
+
+# ------------------------------------------------------------------------------------------
+# deletion of finished RayJobs
+
+
+def _deletion_rules(job_spec: dict) -> list[dict]:
+    return job_spec.get("deletionStrategy", {}).get("deletionRules", [])
+
+
+def _policies(rules: list[dict], condition: dict) -> set[str]:
+    return {r["policy"] for r in rules if {k: v for k, v in r["condition"].items() if k != "ttlSeconds"} == condition}
+
+
+def deletion_strategy_errors(job_spec: dict) -> list[str]:
+    """What the CRD (its OpenAPI schema and CEL rules) and the operator's validation
+    (ray-operator/controllers/ray/utils/validation.go, validateDeletionConfiguration and
+    validateDeletionRules at v1.6.2/v1.7.0) would reject in ``job_spec.deletionStrategy``."""
+    import jsonschema
+
+    strategy = job_spec.get("deletionStrategy")
+    if strategy is None:
+        return ["no deletionStrategy"]
+    errors = [e.message for e in jsonschema.Draft7Validator(
+        CRDS[MIN_KUBERAY]["RayJob.spec.deletionStrategy"]).iter_errors(strategy)]
+    legacy, rules = "onSuccess" in strategy or "onFailure" in strategy, strategy.get("deletionRules", [])
+    if legacy and rules:
+        errors.append("legacy onSuccess/onFailure and deletionRules together")
+    if not rules and not ("onSuccess" in strategy and "onFailure" in strategy):
+        errors.append("needs both onSuccess and onFailure, or deletionRules")
+    if rules and job_spec.get("shutdownAfterJobFinishes"):
+        errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    if job_spec.get("ttlSecondsAfterFinished") and not job_spec.get("shutdownAfterJobFinishes"):
+        errors.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+    autoscaling = job_spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+    ttls: dict[tuple, dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        cond = rule.get("condition", {})
+        keys = {k for k in ("jobStatus", "jobDeploymentStatus") if k in cond}
+        if len(keys) != 1:
+            errors.append(f"rule {i}: exactly one of jobStatus and jobDeploymentStatus")
+            continue
+        if "clusterSelector" in job_spec and rule["policy"] in ("DeleteCluster", "DeleteWorkers"):
+            errors.append(f"rule {i}: {rule['policy']} on a cluster the job does not own (clusterSelector)")
+        if autoscaling and rule["policy"] == "DeleteWorkers":
+            errors.append(f"rule {i}: DeleteWorkers with autoscaling")
+        key = (keys.pop(), cond.get("jobStatus") or cond.get("jobDeploymentStatus"))
+        if rule["policy"] in ttls.setdefault(key, {}):
+            errors.append(f"rule {i}: duplicate {rule['policy']} for {key}")
+        ttls[key][rule["policy"]] = cond.get("ttlSeconds", 0)
+    for key, by_policy in ttls.items():   # Workers <= Cluster <= Self
+        order = [by_policy[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in by_policy]
+        if order != sorted(order):
+            errors.append(f"{key}: TTLs must not decrease from DeleteWorkers to DeleteCluster to DeleteSelf")
+    return errors
+
+
+def test_the_deletion_check_rejects_what_kuberay_rejects():
+    ok = {"clusterSelector": {"ray.io/cluster": CLUSTER}, "deletionStrategy": {"deletionRules": [
+        {"policy": "DeleteSelf", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 60}}]}}
+    assert deletion_strategy_errors(ok) == []
+    bad = [
+        {"clusterSelector": {"x": "y"}, "deletionStrategy": {"deletionRules": [
+            {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED"}}]}},
+        {"deletionStrategy": {"deletionRules": [{"policy": "DeleteSelf", "condition": {"jobStatus": "DONE"}}]}},
+        {"shutdownAfterJobFinishes": True, **ok},
+        {"deletionStrategy": {"deletionRules": [
+            {"policy": "DeleteSelf", "condition": {"jobStatus": "FAILED", "ttlSeconds": 10}},
+            {"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED", "ttlSeconds": 20}}]}},
+        {"deletionStrategy": {"onSuccess": {"policy": "DeleteSelf"}}},
+        {},
+    ]
+    for spec in bad:
+        assert deletion_strategy_errors(spec), spec
+
+
+def test_finished_rayjobs_are_deleted_and_long_lived_clusters_kept():
+    specs = [(p.name, d["spec"]) for p, d in _of_kind("RayJob")]
+    specs += [(p.name, d["spec"]["jobTemplate"]) for p, d in _of_kind("RayCronJob")]
+    for where, spec in specs:
+        assert deletion_strategy_errors(spec) == [], where
+        rules = _deletion_rules(spec)
+        for condition in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
+            assert "DeleteSelf" in _policies(rules, condition), f"{where}: kept forever after {condition}"
+
+
+# ------------------------------------------------------------------------------------------
+# generation on a GPU
+
+
+def test_the_generate_rayjob_runs_its_driver_on_a_gpu_worker():
+    (path, job), = [(p, d) for p, d in _of_kind("RayJob")
+                    if d["metadata"]["labels"]["app.kubernetes.io/component"] == "generate"]
+    spec = job["spec"]
+    assert spec["entrypointNumGpus"] >= 1, path.name
+    name, args = _job_argv(spec["entrypoint"])
+    assert name == "generate" and args[args.index("--model") + 1] == "models:/reactdiff@champion"
+    for flag in ("--speaker-video", "--out"):       # the GPU worker reads and writes S3, not a disk
+        assert args[args.index(flag) + 1].startswith("s3://reactdiff-data/react/"), flag
+    cluster = _one("RayCluster", CLUSTER)["spec"]
+    assert any(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+               >= spec["entrypointNumGpus"] and g["maxReplicas"] >= 1 for g in cluster["workerGroupSpecs"])
 
 
 def test_scheduled_submitter_is_idempotent_and_stops_its_job():
