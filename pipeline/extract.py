@@ -68,6 +68,8 @@ MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "
 # max_task_retries=-1 for actor pools): a clip that kills its worker on every attempt (a decoder
 # segfault, out of memory) would hang the job. After this many retries the block fails, the job
 # goes on (max_errored_blocks=-1) and the driver quarantines the clip with stage "worker".
+# The caps reach Ray only through map_batches(**ray_remote_args), deprecated in Ray 2.60 for
+# removal in 2.64 without a named replacement: pyproject.toml caps ray below 2.64.
 TASK_RETRIES = 3
 
 

@@ -132,21 +132,21 @@ def _sharding_config():
     DDP all-reduces every step, so the train shards must yield the same number of batches
     (uneven shards deadlock, ray-project/ray PR #42601): ``equal=True`` + ``drop_last``. Val
     losses and latent statistics are reduced once at the end, so those shards may be uneven and
-    then no clip is dropped from the statistics.
+    then no clip is dropped from the statistics. Only public DataConfig API is used (the
+    ``configure`` hook and ``default_ingest_options``), with shard locality always on.
     """
     from ray.train import DataConfig
 
     class ShardingDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             out = [{} for _ in range(world_size)]
-            hints = worker_node_ids if self._enable_shard_locality else None
             for name, ds in datasets.items():
                 if ds.name is None:
                     ds.set_name(name)
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options = DataConfig.default_ingest_options()
                 for i, split in enumerate(ds.streaming_split(world_size, equal=(name == "train"),
-                                                             locality_hints=hints)):
+                                                             locality_hints=worker_node_ids)):
                     out[i][name] = split
             return out
 
@@ -290,10 +290,13 @@ def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.torch_backend import LoopbackTorchConfig
+
     fs, path = (storage.arrow_filesystem(storage_path) if storage.is_remote(storage_path)
                 else (None, storage_path))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, scaling_config=_scaling(cfg),
+        torch_config=LoopbackTorchConfig(),     # DDP store/gloo on 127.0.0.1 when Ray is local
         run_config=RunConfig(
             name=cfg.name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
