@@ -133,3 +133,48 @@ def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
     counts = result.manifest["counts"]
     R.rows("clean S3 run, a worker SIGKILLed mid-clip", counts["considered"], counts["clips"], counts["quarantined"])
     return CleanRun(data, out, result, target.clip_id, killed["pid"], F.attempts(control), marker, said.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline from a user's shell, S3 and MLflow on 127.0.0.2 (tests/reliability/clean_shell.py)
+
+
+@pytest.fixture(scope="session")
+def clean_shell_pipeline(tmp_path_factory, clean_env):
+    """inspect, extract, 2-worker training (both stages) and evaluation, each a `reactdiff`
+    command in a clean shell, against moto S3 and `mlflow server` on 127.0.0.2; the listeners
+    of every process are sampled throughout. Commands that fail are recorded, not raised: the
+    tests report what failed."""
+    import clean_shell as C
+    from train_fixtures import tiny_overrides
+
+    root = tmp_path_factory.mktemp("clean-shell")
+    env = C.user_env(clean_env, root / "home")
+    moto, endpoint = C.start_moto(env, root / "moto.log")
+    env["AWS_ENDPOINT_URL"] = endpoint
+    run = C.CleanShellRun(endpoint, "reactdiff-far", "", env)
+    servers = [moto]
+    try:
+        C.create_bucket(run)
+        mlflow, run.mlflow_uri = C.start_mlflow(env, root, run.bucket, root / "mlflow.log")
+        servers.append(mlflow)
+        env["MLFLOW_TRACKING_URI"] = run.mlflow_uri
+        b = f"s3://{run.bucket}/react"
+        with C.ListenerSampler() as run.sampler:
+            # Full-length REACT clips (751 frames): the official metrics of `evaluate` need 750.
+            run.run("synth", "synth", "--out", f"{b}/raw", "--dyads", "2,1,0", "--frames", "751", "--workers", "1")
+            run.run("inspect", "inspect", "--data", f"{b}/raw", "--frames", "751")
+            extract = run.run("extract", "extract", "--data", f"{b}/raw", "--out", f"{b}/snapshots",
+                              "--set", "frames=751")
+            snapshot = extract.stdout.strip().splitlines()[-1] if extract.returncode == 0 else f"{b}/none"
+            for stage, extra in (("autoencoder", ["stage1.epochs=1", "model.seq_len=750"]),
+                                 ("diffusion", ["stage2.epochs=1", "scaling.num_workers=1"])):
+                sets = tiny_overrides(snapshot, f"{b}/checkpoints", run.mlflow_uri, stage) + extra
+                run.run(f"train {stage}", "train", *[a for kv in sets for a in ("--set", kv)])
+            run.run("evaluate", "evaluate", "--model", "models:/reactdiff@challenger", "--split", "val",
+                    "--samples", "2", "--max-items", "2", "--steps", "5", "--no-baselines",
+                    "--out", f"{b}/eval/report.json")
+        yield run
+    finally:
+        for proc in reversed(servers):
+            C.stop_session(proc)

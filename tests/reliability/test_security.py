@@ -1,7 +1,10 @@
 """Security defaults: weights load without unpickling code, model files are pinned by sha256, and
 S3 credentials never reach logs, manifests or error messages.
 
-Referenced, not repeated (see the summary): loopback-only Ray (tests/test_runtime.py), no
+Every listener of every process the jobs start stays on loopback while they run (sampled
+through a whole clean-shell pipeline: extraction, 2-worker training, evaluation).
+
+Referenced, not repeated (see the summary): loopback-only Ray at start (tests/test_runtime.py), no
 unauthenticated dashboard/job API in ray_cluster.yaml and infra/ (tests/infra/), the sha256 of
 each model file in the manifest and its re-check before a worker loads it (tests/extract),
 .npy without pickles (tests/test_storage.py).
@@ -179,3 +182,33 @@ def test_s3_secrets_never_appear_in_extraction_logs_snapshots_or_errors(clean_ru
            f"absent from {scanned} logs/files/messages" if not leaks else f"LEAKED: {leaks[:3]}",
            nodeid=request.node.nodeid, detail="driver marker + workers' secret; manifest, parquet, Ray logs")
     assert not leaks, leaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Listeners while jobs run
+
+
+# Each job and what must have been seen listening while it ran (proof that it was sampled
+# mid-run): the local Ray node always; for training, the rank-0 torch store in a train worker.
+JOB_LISTENERS = {"extract": "raylet", "train autoencoder": "RayTrainWorker", "train diffusion": "raylet",
+                 "evaluate": "raylet"}
+
+
+@pytest.mark.slow
+def test_every_process_listens_on_loopback_only_while_jobs_run(clean_shell_pipeline, request):
+    """`ss -ltnp` every 0.5 s over the test process and all its descendants (the `reactdiff`
+    commands, their local Ray nodes and workers, the torch process group of a 2-worker
+    training, the S3 and MLflow servers): no listener beyond 127.0.0.0/8 or ::1, at any time."""
+    run = clean_shell_pipeline
+    sampler = run.sampler
+    exposed = sampler.exposed()
+    for job, needle in JOB_LISTENERS.items():
+        rows = sampler.in_phase(job)
+        R.case(R.SECURITY, f"listeners while `reactdiff {job}` runs",
+               f"{len(rows)} seen, all loopback" if rows and not [r for r in exposed if r.phase == job]
+               else f"{len(rows)} seen, exposed: {[r.address for r in exposed if r.phase == job][:3]}",
+               nodeid=request.node.nodeid, detail=f"{sampler.samples.get(job, 0)} samples")
+        assert run.steps[job].returncode == 0, run.steps[job].output[-3000:]
+        assert any(needle in r.command for r in rows), (
+            f"no {needle} listener sampled during {job} ({sampler.samples.get(job, 0)} samples)")
+    assert not exposed, "\n".join(f"{r.phase}: {r.address} {r.command}" for r in exposed)
