@@ -8,11 +8,14 @@ the official REACT metrics beside the GT / Mime / Random / Mean rows, plus the *
     jitter = mean |x[t+1] − x[t]| over valence, arousal and the 8 expression probabilities,
              of the generated reactions ÷ the same of the real listeners of the same items.
 
-Variants (``VARIANTS``): the paper architecture at small size (``reference``), the improved
-``temporal`` variant (the demo's), and ablations that isolate one cause each — stage-1
-reconstruction alone (decode the listener's own latent: the ceiling of any stage 2), the
-denoiser with its speaker condition replaced by another item's (does the speaker change the
-output at all?), ε- vs x₀-prediction, and more optimiser steps.
+Variants (``VARIANTS``; ``DEFAULT`` runs unless ``--only`` names others): the paper architecture at
+small size (``reference``, preset ``small``), the improved variant (``temporal``, preset
+``small-temporal``, the demo's), and ablations that isolate one cause each — ``reconstruction``
+(decode each listener's own stage-1 latent: the ceiling of any stage 2), ``*-shuffled`` (every
+item conditioned on the speaker of a non-appropriate item: does the speaker change the output at
+all?), ``temporal-attributes`` (stage 2 conditioned on the speaker's real 25 attributes instead of
+the latent of their video and audio: is speaker perception the limit?), ``temporal-eps`` /
+``reference-x0`` (the prediction target) and ``temporal-3x`` (three times the optimiser steps).
 
     python -m benchmarks.quality [--quick] [--data DIR] [--seeds 0 1] [--only temporal reference]
 
@@ -59,20 +62,22 @@ class Variant:
     stage1_batch: int = 2
     stage2_batch: int = 4
     probe: str = "generate"              # generate | reconstruct | shuffled (condition of another item)
+    #                                      | attributes (condition on the speaker's real 25 attributes)
 
 
 VARIANTS: dict[str, Variant] = {
-    "reference": Variant(),
-    "temporal": Variant(overrides={"architecture": "temporal", "diffusion": {"prediction": "x0"}}),
-    "temporal-eps": Variant(overrides={"architecture": "temporal"}),
-    "reference-x0": Variant(overrides={"diffusion": {"prediction": "x0"}}),
-    "reconstruction": Variant(probe="reconstruct"),
-    "temporal-shuffled": Variant(overrides={"architecture": "temporal", "diffusion": {"prediction": "x0"}},
-                                 probe="shuffled"),
+    "reference": Variant(preset="small"),                  # the paper's design at CPU size
+    "temporal": Variant(preset="small-temporal"),          # the improved variant (the demo's)
+    "reconstruction": Variant(probe="reconstruct"),        # stage 1 alone: the ceiling of any stage 2
+    "temporal-shuffled": Variant(preset="small-temporal", probe="shuffled"),
     "reference-shuffled": Variant(probe="shuffled"),
-    "temporal-4x": Variant(overrides={"architecture": "temporal", "diffusion": {"prediction": "x0"}},
-                           stage1_steps=4 * 480, stage2_steps=4 * 400),
+    "temporal-attributes": Variant(preset="small-temporal", probe="attributes"),
+    "temporal-eps": Variant(preset="small-temporal", overrides={"diffusion": {"prediction": "epsilon"}}),
+    "reference-x0": Variant(overrides={"diffusion": {"prediction": "x0"}}),
+    "temporal-3x": Variant(preset="small-temporal", stage1_steps=3 * 480, stage2_steps=3 * 400),
 }
+DEFAULT = ["reference", "temporal", "reconstruction", "temporal-shuffled", "temporal-attributes", "temporal-eps"]
+QUICK = ["reference", "temporal", "reconstruction", "temporal-shuffled"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,15 +142,23 @@ def train_stage1(gen, variant: Variant, train: SplitData, seed: int) -> float:
         clips = rng.choice(n_clips, variant.stage1_batch, replace=False)
         loss, _ = gen.autoencoder_loss(_batch(train, clips), torch.from_numpy(train.emotion[clips]),
                                        torch.from_numpy(train.tdmm[clips]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(gen)
+        _step(gen, opt, ema, loss)
     ema.copy_to(gen)
     _statistics(gen, train)
     seconds = time.perf_counter() - t0
     _STAGE1_CACHE[key] = ({k: v.clone() for k, v in gen.autoencoder.state_dict().items()}, seconds)
     return seconds
+
+
+GRAD_CLIP = 1.0        # the training pipeline's default (train.yaml stage*.grad_clip)
+
+
+def _step(gen, opt, ema, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in gen.parameters() if p.requires_grad], GRAD_CLIP)
+    opt.step()
+    ema.update(gen)
 
 
 def _statistics(gen, train: SplitData) -> None:
@@ -172,6 +185,8 @@ def train_variant(variant: Variant, train: SplitData, mean_face: np.ndarray | No
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed + 1)
+    if variant.probe == "attributes":
+        _attribute_condition(gen)
     settings = gen.train_settings("diffusion")
     opt = make_optimizer(gen.set_trainable("diffusion"), settings)
     ema = EMA(gen, settings.ema_decay)
@@ -180,15 +195,51 @@ def train_variant(variant: Variant, train: SplitData, mean_face: np.ndarray | No
     n_items = len(train.speakers)
     for _ in range(variant.stage2_steps):
         items = rng.choice(n_items, min(variant.stage2_batch, n_items), replace=False)
-        loss, _ = gen.latent_diffusion_loss(z[train.speakers[items]], z[train.listeners[items]], generator=noise_rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(gen)
+        if variant.probe == "attributes":
+            loss = _attribute_loss(gen, torch.from_numpy(train.emotion[train.speakers[items]]),
+                                   z[train.listeners[items]], noise_rng)
+        else:
+            loss, _ = gen.latent_diffusion_loss(z[train.speakers[items]], z[train.listeners[items]],
+                                                generator=noise_rng)
+        _step(gen, opt, ema, loss)
     ema.copy_to(gen)
     gen.eval()
     times["stage2_s"] = time.perf_counter() - t0
     return gen, times
+
+
+# -- the "attributes" probe: what if the model perceived the speaker perfectly? -------------------
+# Stage 2 is conditioned on the speaker's real 25 attributes (REACT ships them for every person)
+# instead of the stage-1 latent of their video and audio; only for the temporal design, whose
+# condition is a per-frame sequence of any width.
+
+def _attribute_condition(gen) -> None:
+    from reactdiff.temporal import SequenceCondition
+
+    if not gen.config.temporal_denoiser:
+        raise ValueError("the attributes probe needs architecture=temporal")
+    gen.cond = SequenceCondition(25, gen.config.temporal.cond_channels)
+
+
+def _attribute_loss(gen, attributes: torch.Tensor, z_listener: torch.Tensor, generator) -> torch.Tensor:
+    from reactdiff.diffusion import epsilon_loss
+
+    d = gen.config.diffusion
+    loss, _ = epsilon_loss(gen.denoiser, gen.latent_stats.normalize(z_listener), gen.schedule, gen.cond(attributes),
+                           loss=d.loss, weight=d.loss_weight, prediction=d.prediction, generator=generator)
+    return loss
+
+
+@torch.no_grad()
+def _attribute_generate(gen, attributes: torch.Tensor, samples: int, seed: int) -> np.ndarray:
+    from reactdiff.diffusion import ddim_sample
+
+    d, (b, t, _) = gen.config.diffusion, attributes.shape
+    cond = gen.cond(attributes).repeat_interleave(samples, dim=0)
+    x0 = ddim_sample(gen.denoiser, (b * samples, t, gen.config.mmt.feature_dim), gen.schedule, cond,
+                     prediction=d.prediction, clip_x0=d.clip_x0, generator=torch.Generator().manual_seed(seed))
+    emotion, _ = gen.decode(gen.latent_stats.denormalize(x0))
+    return emotion.reshape(b, samples, t, -1).numpy()
 
 
 def predict(gen, variant: Variant, val: SplitData, samples: int, seed: int) -> np.ndarray:
@@ -199,6 +250,9 @@ def predict(gen, variant: Variant, val: SplitData, samples: int, seed: int) -> n
             z = gen.encode(_batch(val, val.listeners))
             emotion, _ = gen.decode(z)
         return np.repeat(emotion.numpy()[:, None], samples, axis=1)
+    if variant.probe == "attributes":
+        return np.concatenate([_attribute_generate(gen, torch.from_numpy(val.emotion[val.speakers[i:i + 4]]),
+                                                   samples, seed * 1000 + i) for i in range(0, n, 4)])
     speakers = val.speakers
     if variant.probe == "shuffled":
         # Each item gets the speaker of an item that is NOT its appropriateness neighbour.
@@ -251,7 +305,7 @@ def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, s
     from pipeline.snapshot import Snapshot
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
-    names = names or (["reference", "temporal", "reconstruction", "temporal-shuffled"] if quick else list(VARIANTS))
+    names = names or (QUICK if quick else DEFAULT)
     seeds = seeds or ([0] if quick else [0, 1])
     if snapshot is None:
         base = Path(root or os.environ.get("REACTDIFF_HOME", ".reactdiff")) / "bench-quality"

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["extraction", "metrics", "training", "sampling"]
+BENCHMARKS = ["extraction", "metrics", "training", "sampling", "quality"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -190,11 +190,16 @@ def _find_autoencoder(cfg: TrainConfig, snapshot, uri: str) -> tuple[str, dict[s
 
 
 def _generator_config(cfg: TrainConfig, snapshot, autoencoder_uri: str | None):
+    from reactdiff.mmt import ACOUSTIC_ROLES, FACIAL_ROLES, in_role_order
     from reactdiff.presets import preset_config
 
     if cfg.stage == "autoencoder":
-        overrides = {"facial": snapshot.facial, "acoustic": snapshot.acoustic, **cfg.model}
-        gc = preset_config(cfg.preset, **overrides)
+        # The snapshot's feature groups, in the attention roles of the model's definition
+        # (mmt.in_role_order), never in the snapshot's (sorted) column order.
+        gc = preset_config(cfg.preset, facial=in_role_order(snapshot.facial, FACIAL_ROLES),
+                           acoustic=in_role_order(snapshot.acoustic, ACOUSTIC_ROLES))
+        if cfg.model:
+            gc = gc.with_overrides(**cfg.model)
         missing = [n for n in gc.mmt.inputs if n not in snapshot.features]
         if missing:
             raise TrainError(f"snapshot {snapshot.id} lacks the model inputs {missing} "
@@ -237,6 +242,21 @@ def default_name(cfg: TrainConfig, snapshot, autoencoder_tags: dict[str, str], a
     if parent:
         return f"diffusion-from-{parent}"
     return f"diffusion-{cfg.preset}-{snapshot.id}-{hashlib.sha256(autoencoder_uri.encode()).hexdigest()[:8]}"
+
+
+def worker_batch_size(batch_size: int, world: int, n_train: int) -> int:
+    """Rows per worker and optimiser step for a *global* ``batch_size`` (the reference's 16 items
+    per step, whatever the number of workers): the same optimisation on 1 or 8 GPUs."""
+    if batch_size % world:
+        raise TrainError(f"batch_size {batch_size} (items per optimiser step, all workers together) does not "
+                         f"divide over {world} workers; choose a multiple of {world} or another scaling.num_workers")
+    per_worker = n_train // world
+    if per_worker < 1:
+        raise TrainError(f"{n_train} training rows cannot feed {world} workers; lower scaling.num_workers")
+    if batch_size // world > per_worker:
+        log.warning("batch_size %d needs %d rows per worker, each worker has %d: using %d per worker",
+                    batch_size, batch_size // world, per_worker, per_worker)
+    return min(batch_size // world, per_worker)
 
 
 def _scaling(cfg: TrainConfig):
@@ -283,7 +303,8 @@ def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: 
             use_gpu=cfg.scaling.use_gpu)
         n_train = count if split == "train" else n_train
     datasets = {"train": pairs_dataset(pairs["train"]).randomize_block_order(), "val": pairs_dataset(pairs["val"])}
-    return datasets, n_train, ["loss", f"eps_{gen_config.diffusion.loss}"]
+    d = gen_config.diffusion
+    return datasets, n_train, ["loss", f"{'eps' if d.prediction == 'epsilon' else 'x0'}_{d.loss}"]
 
 
 def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> None:
@@ -371,13 +392,7 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
     try:
         if not done:
             datasets, n_train, loss_keys = _datasets(cfg, snapshot, gen_config, autoencoder_uri, run_dir)
-            per_worker = n_train // world
-            if per_worker < 1:
-                raise TrainError(f"{n_train} training rows cannot feed {world} workers; lower scaling.num_workers")
-            batch_size = min(int(settings["batch_size"]), per_worker)
-            if batch_size < settings["batch_size"]:
-                log.warning("batch_size %d > %d rows per worker: using %d", settings["batch_size"], per_worker,
-                            batch_size)
+            batch_size = worker_batch_size(int(settings["batch_size"]), world, n_train)
             mean_face = snapshot.mean_face()
             loop = {"config": to_dict(cfg), "settings": settings, "generator_config": gen_config.to_dict(),
                     "batch_size": batch_size, "precision": precision, "run_dir": run_dir, "mlflow_run_id": run_id,
@@ -385,8 +400,9 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
                     "autoencoder_uri": autoencoder_uri, "metadata": metadata, "stage": cfg.stage,
                     "mean_face": None if mean_face is None else mean_face.tolist(), "loss_keys": loss_keys,
                     "val_subset": _val_subset(snapshot, cfg.validation.max_items)}
-            log.info("training %s: %s stage, %d worker(s), %d epochs, batch %d/worker, storage %s, MLflow %s",
-                     name, cfg.stage, world, settings["epochs"], batch_size, storage.redact(run_dir), uri)
+            log.info("training %s: %s stage, %d worker(s), %d epochs, batch %d (%d/worker), storage %s, MLflow %s",
+                     name, cfg.stage, world, settings["epochs"], batch_size * world, batch_size,
+                     storage.redact(run_dir), uri)
             _fit(cfg, loop, datasets, storage_path)
         _refresh_listings(run_dir)
         return _finish(cfg, snapshot, run_dir, run_id, uri, metadata, autoencoder_uri)

@@ -6,6 +6,11 @@
            MLP), conditioning projection 13.11 M, UNet 404.31 M.
 ``small``  a CPU-sized model for the demo and tests: raw 32×32 face pixels + MFCC, hidden 128,
            fd 32, UNet widths 32/64/128. Trains in minutes on 2 cores on ~16–32 clips of 750 frames.
+``paper-temporal``, ``small-temporal``
+           the improved variant at both sizes (docs/model.md): the same stage 1 and the
+           ``temporal`` stage 2 — a dilated temporal denoiser over the whole clip, conditioned
+           frame by frame on the speaker, predicting x₀, with latent statistics shared over time
+           (any clip length). The demo trains ``small-temporal``.
 
 Use ``reactdiff.build_generator(name, **overrides)``; ``preset_config`` returns just the config.
 """
@@ -65,7 +70,21 @@ SMALL = GeneratorConfig(
     stage2=TrainSettings(lr=5e-4, weight_decay=5e-4, betas=(0.9, 0.999), ema_decay=0.99, epochs=30, batch_size=8),
 )
 
-PRESETS: dict[str, GeneratorConfig] = {"paper": PAPER, "small": SMALL}
+def _temporal_variant(base: GeneratorConfig, *, channels: int, cond_channels: int, **overrides: Any) -> GeneratorConfig:
+    """``base`` with the improved stage 2; see docs/model.md."""
+    return base.with_overrides(
+        architecture="temporal",
+        diffusion={"prediction": "x0"},
+        temporal={"channels": channels, "cond_channels": cond_channels},
+        **overrides)
+
+
+PRESETS: dict[str, GeneratorConfig] = {
+    "paper": PAPER,
+    "small": SMALL,
+    "paper-temporal": _temporal_variant(PAPER, channels=512, cond_channels=256),
+    "small-temporal": _temporal_variant(SMALL, channels=128, cond_channels=64),
+}
 
 
 def preset_config(name: str = "small", **overrides: Any) -> GeneratorConfig:
