@@ -95,6 +95,8 @@ class GenerateConfig:
     max_items: int | None = None
     batch_size: int = 8                         # items per actor call
     actors: int | None = None                   # generation actors (None: one per GPU, else ≤ 2)
+    device: str = "auto"                        # one clip on a cluster: auto (a GPU task when the
+                                                # cluster has GPUs), cuda (always), cpu (in the driver)
     ray_address: str | None = None
 
     def validate(self) -> None:
@@ -119,6 +121,8 @@ class GenerateConfig:
             raise err("batch_size and actors must be >= 1")
         if self.face_size < 64 or self.face_size % 2:
             raise err("face_size must be an even number >= 64")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise err(f"device must be auto, cuda or cpu, got {self.device!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,4 +642,43 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
 
 def run_generation(cfg: GenerateConfig) -> ClipResult | SplitResult:
     """The ``reactdiff generate`` job: one speaker clip, or a whole snapshot split."""
-    return generate_clip(cfg) if cfg.speaker_video else generate_split(cfg)
+    if not cfg.speaker_video:
+        return generate_split(cfg)
+    return _generate_clip_on_a_gpu_worker(cfg) if _clip_wants_a_gpu_task(cfg) else generate_clip(cfg)
+
+
+def _clip_wants_a_gpu_task(cfg: GenerateConfig) -> bool:
+    """One clip goes to a GPU worker only on a cluster (``ray job submit`` sets RAY_ADDRESS; the
+    driver then sits on a CPU head) that has GPUs (or ``device=cuda``: an autoscaler adds one).
+    A driver that holds a GPU itself (a RayJob with entrypointNumGpus, a GPU workstation)
+    generates in place; without a cluster the clip is generated here, on CPU."""
+    import torch
+
+    if cfg.device == "cpu" or torch.cuda.is_available() or not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        return False
+    import ray
+
+    from pipeline import runtime
+
+    runtime.init_ray(cfg.ray_address)
+    return cfg.device == "cuda" or ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _generate_clip_on_a_gpu_worker(cfg: GenerateConfig) -> ClipResult:
+    import ray
+
+    if not storage.is_remote(cfg.out or ""):
+        log.warning("the clip is generated on a GPU worker: --out %s is a path on that worker's disk; "
+                    "pass --out s3://... to get the files back", cfg.out or "(default)")
+    # The job's runtime env reaches the task; MLflow's URI is passed too, for drivers started by
+    # hand with RAY_ADDRESS (the worker resolves models:/... itself).
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}
+
+    def on_gpu(cfg: GenerateConfig) -> tuple[ClipResult, list]:
+        return generate_clip(cfg), [str(g) for g in ray.get_gpu_ids()]
+
+    task = ray.remote(num_gpus=1, max_retries=0)(on_gpu)
+    log.info("generating the clip on a GPU worker of the cluster")
+    result, gpus = ray.get(task.options(runtime_env={"env_vars": env} if env else None).remote(cfg))
+    log.info("generated on a GPU worker (GPU ids %s) -> %s", gpus, storage.redact(result.out))
+    return result
