@@ -112,17 +112,28 @@ def speaker_latent(proto: dict[str, np.ndarray], rng: np.random.Generator) -> np
     z[:, YAW:] = proto["pose"] + 0.04 * _smooth(rng, frames, 3)
     rate, phase = rng.uniform(3.5, 5.0), rng.uniform(0, 2 * np.pi)
     syllables = 0.5 + 0.5 * np.sin(2 * np.pi * rate * t + phase + 0.8 * np.sin(2 * np.pi * 0.3 * t))
-    z[:, MOUTH] = proto["speech"] * (0.15 + 0.85 * syllables)
-    z[:, EYES] = _blinks(rng, frames)
+    return _talking(z, proto["speech"], syllables, 0.15, rng)
+
+
+def _talking(z: np.ndarray, speech: np.ndarray, syllables: np.ndarray, floor: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """A speaker's mouth (speech envelope × syllable rhythm) and blinks; the latent, clipped."""
+    z[:, MOUTH] = speech * (floor + (1 - floor) * syllables)
+    z[:, EYES] = _blinks(rng, len(z))
     return _clip_latent(z)
+
+
+def _delayed(speaker: np.ndarray, lag: int) -> np.ndarray:
+    """The speaker's latent ``lag`` frames later (the first frame repeated; short clips clamp the lag)."""
+    lag = min(lag, len(speaker) - 1)
+    return np.concatenate([np.repeat(speaker[:1], lag, 0), speaker[:len(speaker) - lag]])
 
 
 def listener_latent(speaker: np.ndarray, style: str, lag: int, rng: np.random.Generator) -> np.ndarray:
     """[T, 8] reaction ``lag`` frames after the speaker, in one of ``REACTION_STYLES``."""
     frames = len(speaker)
     t = np.arange(frames) / FPS
-    lag = min(lag, frames - 1)           # very short test clips
-    s = np.concatenate([np.repeat(speaker[:1], lag, 0), speaker[:frames - lag]])  # delayed speaker
+    s = _delayed(speaker, lag)
     speech = np.clip(_hann_smooth(s[:, MOUTH], 9) * 1.6, 0, 1)       # how much the speaker talks
     z = np.zeros_like(speaker)
     if style == "mirror":            # copies the speaker's expression and head motion
@@ -200,19 +211,15 @@ def backchannel_speaker(conv: dict[str, np.ndarray], r: np.random.Generator) -> 
     z[:, BROW] += 0.5 * conv["emphasis"]
     z[:, YAW:] = conv["pose"] + 0.05 * _smooth(r, frames, 3)
     z[:, PITCH] += 0.08 * conv["emphasis"]               # head dips on stressed words
-    rate = r.uniform(3.0, 5.5)
-    syllables = 0.5 + 0.5 * np.sin(2 * np.pi * rate * t + r.uniform(0, 2 * np.pi))
-    z[:, MOUTH] = conv["speech"] * (0.2 + 0.8 * syllables)
-    z[:, EYES] = _blinks(r, frames)
-    return _clip_latent(z)
+    syllables = 0.5 + 0.5 * np.sin(2 * np.pi * r.uniform(3.0, 5.5) * t + r.uniform(0, 2 * np.pi))
+    return _talking(z, conv["speech"], syllables, 0.2, r)
 
 
 def backchannel_listener(speaker: np.ndarray, style: str, lag: int, r: np.random.Generator) -> np.ndarray:
     """[T, 8] back-channel reaction ``lag`` frames after the partner, with a personal temperament."""
     frames = len(speaker)
     t = np.arange(frames) / FPS
-    lag = min(lag, frames - 1)
-    s = np.concatenate([np.repeat(speaker[:1], lag, 0), speaker[:frames - lag]])
+    s = _delayed(speaker, lag)
     talking = np.clip(_hann_smooth(s[:, MOUTH], 13) * 1.8, 0, 1)
     emphasis = np.clip(s[:, BROW] - _hann_smooth(s[:, BROW], 51), 0, None)     # the partner's brow peaks
     warmth, expressiveness, nod_rate = r.uniform(0.5, 1.0), r.uniform(0.6, 1.3), r.uniform(1.6, 2.4)

@@ -163,3 +163,33 @@ def test_reruns_and_foreign_folders(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"            # --overwrite only touches its own files
     with pytest.raises(ValueError, match="three non-negative counts"):
         synth.generate(str(tmp_path / "e"), dyads=(0, 0, 0))
+
+
+def test_backchannel_behaviour_is_another_learnable_generator(tmp_path, capsys):
+    """The second behaviour model: speaker groups define appropriateness, listeners smile and
+    nod while the partner talks (lag frames later), and the data pass inspect like the first."""
+    out = tmp_path / "b"
+    assert cli(["synth", "--out", str(out), "--dyads", "8,0,0", "--frames", "250", "--seed", "3",
+                "--behaviour", "backchannel", "--workers", "1"]) == 0
+    assert cli(["inspect", "--data", str(out), "--frames", "250", "--strict"]) == 0
+    capsys.readouterr()
+    ds = open_dataset(str(out))
+    truth = {(t["speaker"], t["listener"]): t for t in synth.generate(str(out), dyads=(8, 0, 0), frames=250,
+                                                                     seed=3, behaviour="backchannel").truth}
+    assert {t["style"] for t in truth.values()} == {"backchannel"} and len({t["prototype"] for t in truth.values()}) == 4
+    groups = [("listener" if i.mirrored else "speaker",
+               truth[(i.listener, i.speaker) if i.mirrored else (i.speaker, i.listener)]["prototype"])
+              for i in ds.items("train")]
+    np.testing.assert_array_equal(ds.neighbours("train"), np.array([[a == b for b in groups] for a in groups], np.uint8))
+    # The listener's mouth stays near closed and its smile follows the partner's talking.
+    emotion = {c.clip_id: react.read_emotion(c.emotion) for c in ds.clips()}
+    mouth = {c.clip_id: react.read_tdmm(c.tdmm)[:, 57] for c in ds.clips()}     # translation z follows the mouth
+    follows = []
+    for (s, listener), t in truth.items():
+        lag = t["lag"]
+        talk = np.convolve(mouth[s], np.ones(13) / 13, "same")
+        follows.append(np.corrcoef(talk[:-lag], emotion[listener][lag:, 15])[0, 1])   # valence
+        assert mouth[listener].std() < mouth[s].std()
+    assert np.mean(follows) > 0.3
+    with pytest.raises(ValueError, match="unknown behaviour"):
+        synth.generate(str(tmp_path / "c"), behaviour="mirror-only")
