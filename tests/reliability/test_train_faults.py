@@ -89,9 +89,11 @@ def run(clean_run, s3_server, tmp_path_factory, _migrated_mlflow_db):
 
 
 def _persisted(run_dir: str, epoch: int) -> bool:
+    from s3fs.utils import FileExpired
+
     try:
         return f"checkpoint_epoch{epoch:04d}" in storage.read_text(storage.join(run_dir, RAY_SNAPSHOT))
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExpired):   # not written yet, or rewritten while we read it: poll again
         return False
 
 
