@@ -177,7 +177,9 @@ def train_variant(variant: Variant, train: SplitData, mean_face: np.ndarray | No
     gen = build_generator(variant.preset, **copy.deepcopy(variant.overrides))
     if mean_face is not None:
         gen.set_mean_face(mean_face)
-    times = {"stage1_s": train_stage1(gen, variant, train, seed)}
+    times = {"stage1_s": train_stage1(gen, variant, train, seed), "stage2_s": 0.0}
+    if variant.probe == "reconstruct":       # stage 1 alone
+        return gen.eval(), times
     gen.eval()
     n_clips = len(train.emotion)
     with torch.no_grad():
