@@ -8,6 +8,10 @@ Data flow (model.md §8), for a speaker clip of ``seq_len`` frames:
     x̂₀ = DDIM(UNet, x_T ~ N(0, I) [B·K·15, 50, fd], cond)   all samples and windows in one pass
     z_l = denormalise(x̂₀) → MMT.decode → listener emotion [.., 25] and 3DMM [.., 58] (+ mean_face)
 
+With ``architecture="temporal"`` (the ``*-temporal`` presets, docs/model.md) stage 2 has no
+windows: cond = SiLU(Linear(p_s)) per frame [B, 750, C], x̂₀ = DDIM(TemporalDenoiser,
+x_T [B·K, 750, fd], cond), and the statistics are one min/max per dimension for every frame.
+
 One file holds everything a generator needs (``save``/``load``): the config, stage 1, the
 conditioning projection (lost by the reference, §7.1.1), the UNet, the latent statistics and
 the 3DMM mean face. Loading never unpickles code (``torch.load(weights_only=True)``).

@@ -244,6 +244,26 @@ def test_inspect_exit_codes(synth_2024, copy_dataset, tmp_path, capsys):
     assert "dataset root not found" in capsys.readouterr().err
 
 
+def test_missing_mean_face_is_said_by_inspect_and_the_extraction_report(synth_2024, copy_dataset, capsys):
+    """Without mean_face.npy the 3DMM targets stay absolute: say so instead of training silently."""
+    from pipeline.publish import format_report
+
+    root = copy_dataset(synth_2024[0])
+    assert cli(["inspect", "--data", str(root)]) == 0
+    assert "warning: the dataset root has no mean_face.npy" not in capsys.readouterr().out
+    (root / react.MEAN_FACE).unlink()
+    assert cli(["inspect", "--data", str(root)]) == 0
+    assert "mean_face.npy: no" in (out := capsys.readouterr().out) and "3DMM targets stay absolute" in out
+    manifest = {"id": "s", "feature_set": {"name": "demo", "hash": "0" * 16}, "clips": {}, "splits": {},
+                "counts": {"clips": 1, "processed": 1, "carried": 0, "quarantined": 0, "considered": 1},
+                "timings": {"total_s": 1.0, "pipeline_s": 1.0, "frames_per_s": 1.0},
+                "bytes": {"per_clip_mean": 1.0, "total": 1.0}, "resources": {"peak_worker_rss_mb": 1.0},
+                "quarantine": [], "mean_face": False}
+    report = format_report(manifest, True, 0.5)
+    assert "no mean_face.npy" in report
+    assert "no mean_face.npy" not in format_report({**manifest, "mean_face": True}, True, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Object storage
 

@@ -197,3 +197,19 @@ def test_promotion_with_real_evaluations(registered, tiny_snapshot, ray_local, m
 
     champion = mlflow.MlflowClient().get_model_version_by_alias("reactdiff", "champion")
     assert str(champion.version) == ("2" if expected else "1")
+
+
+def test_decoder_dropout_is_an_option_and_is_recorded(generated, tiny_snapshot):
+    """The reference samples with the frozen decoder's dropout on (model.md §4.2): an evaluation
+    option, reproducible for a seed, recorded with the latent normalisation in the report."""
+    gen, off, _ = generated
+    assert (off.decoder_dropout, off.latent_normalisation, off.architecture) == (False, "exact", "reference")
+    kwargs = dict(samples=SAMPLES, steps=STEPS, seed=7, batch_size=3, actors=1, frdist_tasks=2, baselines=(),
+                  decoder_dropout=True)
+    on = ev.evaluate_generator(gen, tiny_snapshot, "val", **kwargs)
+    again = ev.evaluate_generator(gen, tiny_snapshot, "val", **kwargs)
+    assert on.decoder_dropout is True and "decoder dropout on" in on.table()
+    assert on.metrics != off.metrics and on.metrics == again.metrics
+    # promotion's metric cache keys on the protocol: dropout on and off are different protocols
+    assert ev.evaluation_tag("val", "s", ev.EvalOptions(decoder_dropout=True)) != ev.evaluation_tag(
+        "val", "s", ev.EvalOptions())
