@@ -56,8 +56,8 @@ def cpu_time_ratio(dataset, snapshot_dir: str, clips: int = 2) -> dict:
     (prepare + write) for a few clips, sequentially in this process, one torch thread."""
     import torch
 
-    from pipeline.extract import CLIP_FIELDS, Plan, prepare_clip, write_stage
-    from pipeline.features import load_feature_set
+    from pipeline.data.extract import CLIP_FIELDS, Plan, prepare_clip, write_stage
+    from pipeline.data.features import load_feature_set
 
     torch.set_num_threads(1)
     fset = load_feature_set("demo")
@@ -92,8 +92,8 @@ def paper_bytes_per_clip(sample_pixels: np.ndarray, demo_column_bytes: dict[str,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.features import load_feature_set
-    from pipeline.snapshot import tensor_array
+    from pipeline.data.features import load_feature_set
+    from pipeline.data.snapshot import tensor_array
 
     rng = np.random.default_rng(0)
     x = sample_pixels.astype(np.float32)
@@ -125,9 +125,11 @@ def paper_bytes_per_clip(sample_pixels: np.ndarray, demo_column_bytes: dict[str,
 def run(quick: bool = False) -> dict:
     import ray
 
-    from pipeline import react, runtime, synth
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.snapshot import Snapshot
+    from pipeline import runtime
+    from pipeline.data import react
+    from pipeline.data import synth
+    from pipeline.data.extract import ExtractConfig, extract
+    from pipeline.data.snapshot import Snapshot
 
     dyads = (2, 1, 1) if quick else (6, 3, 3)
     work = tempfile.mkdtemp(prefix="reactdiff-bench-extraction-")

@@ -290,8 +290,10 @@ def baselines(val: SplitData, samples: int) -> dict[str, dict[str, float]]:
 
 def dataset(root: Path, behaviour: str, dyads: tuple[int, int, int], seed: int):
     """Synthesise (once) and extract (once) the benchmark's dataset; returns the snapshot."""
-    from pipeline import extract, runtime, synth
-    from pipeline.snapshot import Snapshot
+    from pipeline import runtime
+    from pipeline.data import extract
+    from pipeline.data import synth
+    from pipeline.data.snapshot import Snapshot
 
     data, snaps = root / f"data-{behaviour}", root / f"snapshots-{behaviour}"
     synth.generate(str(data), dyads=dyads, seed=seed, behaviour=behaviour)
@@ -304,7 +306,7 @@ def dataset(root: Path, behaviour: str, dyads: tuple[int, int, int], seed: int):
 
 def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, seeds: list[int] | None = None,
         samples: int = 10, root: str | None = None, behaviour: str = "backchannel") -> dict:
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.snapshot import Snapshot
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
     names = names or (QUICK if quick else DEFAULT)

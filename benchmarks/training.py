@@ -1,6 +1,6 @@
 """Training throughput of both stages on Ray Train, and how much of it is waiting for data.
 
-A synthetic REACT dataset is extracted into a demo snapshot, then ``pipeline.train.train``
+A synthetic REACT dataset is extracted into a demo snapshot, then ``pipeline.train.job.train``
 runs stage 1 and stage 2 exactly as ``reactdiff train`` does (Ray Data streaming →
 ``iter_torch_batches`` → DDP workers, checkpoints, MLflow). Per epoch the loop records the
 items per second over all workers and the fraction of the training time each worker spent
@@ -29,8 +29,8 @@ WARMUP_EPOCHS = 1
 
 
 def _snapshot(work: str, dyads: tuple[int, int, int], frames: int) -> tuple[str, float]:
-    from pipeline import synth
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.data import synth
+    from pipeline.data.extract import ExtractConfig, extract
 
     t0 = time.perf_counter()
     data = os.path.join(work, "data")
@@ -43,7 +43,7 @@ def _snapshot(work: str, dyads: tuple[int, int, int], frames: int) -> tuple[str,
 def _config(stage: str, snapshot: str, work: str, preset: str, epochs: int, batch: int, workers: int,
             seq_len: int, gpu: bool):
     from pipeline import config
-    from pipeline.train import TrainConfig
+    from pipeline.train.job import TrainConfig
 
     section = "stage1" if stage == "autoencoder" else "stage2"
     sets = {"stage": stage, "features": snapshot, "preset": preset, "storage_path": os.path.join(work, "ckpt"),
@@ -57,7 +57,7 @@ def _config(stage: str, snapshot: str, work: str, preset: str, epochs: int, batc
 
 
 def _history(run_dir: str) -> list[dict]:
-    from pipeline.checkpoints import checkpoint_metas
+    from pipeline.train.checkpoints import checkpoint_metas
 
     return checkpoint_metas(run_dir)[-1][1]["history"]
 
@@ -66,7 +66,7 @@ def _single_process_items_per_s(stage: str, gen_file: str, batch: int, steps: in
     """The same model and batch on in-memory tensors: one process, one thread on CPU."""
     import torch
 
-    from pipeline.registry import load_generator_file
+    from pipeline.registry.models import load_generator_file
     from reactdiff.generator import ReactDiffGenerator
     from reactdiff.training import make_optimizer
 
@@ -106,7 +106,7 @@ def _single_process_items_per_s(stage: str, gen_file: str, batch: int, steps: in
 
 def _stage(stage: str, snapshot: str, work: str, preset: str, epochs: int, batch: int, workers: int,
            seq_len: int, gpu: bool, baseline_steps: int) -> tuple[dict, str]:
-    from pipeline.train import train
+    from pipeline.train.job import train
 
     cfg = _config(stage, snapshot, work, preset, epochs, batch, workers, seq_len, gpu)
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ logs the metrics to MLflow (to the version's training run for registry URIs, e.g
 val_FRCorr, else a run in experiment "reactdiff-eval") and prints a table.
 
 --predictions scores a Parquet written by batch generation (one row per item: item int64,
-emotion float32 [K, T, 25]) without generating; see pipeline/evaluate.py.
+emotion float32 [K, T, 25]) without generating; see pipeline/evaluate/job.py.
 
 Examples:
   reactdiff evaluate --model models:/reactdiff@challenger --split val
@@ -60,9 +60,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline import config
-    from pipeline.evaluate import EvaluateConfig, run_evaluation
-    from pipeline.registry import RegistryError
-    from pipeline.snapshot import SnapshotError
+    from pipeline.evaluate.job import EvaluateConfig, run_evaluation
+    from pipeline.registry.models import RegistryError
+    from pipeline.data.snapshot import SnapshotError
 
     baselines = [] if args.no_baselines else args.baselines
     cfg = config.load(EvaluateConfig, args.config, args.overrides, model=args.model, features=args.features,

@@ -76,10 +76,10 @@ def run(args) -> int:
     import json
 
     from pipeline import config
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.features import FeatureSetError
-    from pipeline.react import ReactLayoutError
-    from pipeline.snapshot import SnapshotError
+    from pipeline.data.extract import ExtractConfig, extract
+    from pipeline.data.features import FeatureSetError
+    from pipeline.data.react import ReactLayoutError
+    from pipeline.data.snapshot import SnapshotError
 
     splits = None
     if args.splits:

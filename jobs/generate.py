@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
                         help="output folder, local or s3:// (default: <workdir>/outputs/generate-<time>)")
     parser.add_argument("--samples", type=int, help="reactions per speaker (default: 10)")
     parser.add_argument("--seed", type=int,
-                        help="seed (default 0); with --split, item k uses pipeline.evaluate.item_seed(seed, k)")
+                        help="seed (default 0); with --split, item k uses pipeline.evaluate.job.item_seed(seed, k)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the generator's schedule)")
     parser.add_argument("--decoder-dropout", dest="decoder_dropout", action="store_true", default=None,
                         help="sample with the frozen decoder's dropout on, as the reference does (more diverse, less faithful; default: off)")
@@ -93,9 +93,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline import config
-    from pipeline.generate import ClipResult, GenerateConfig, GenerationError, run_generation
-    from pipeline.registry import RegistryError
-    from pipeline.snapshot import SnapshotError
+    from pipeline.generate.job import ClipResult, GenerateConfig, GenerationError, run_generation
+    from pipeline.registry.models import RegistryError
+    from pipeline.data.snapshot import SnapshotError
 
     cfg = config.load(GenerateConfig, args.config, args.overrides, model=args.model, out=args.out,
                       samples=args.samples, seed=args.seed, steps=args.steps, features=args.features,

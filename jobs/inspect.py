@@ -78,7 +78,8 @@ def _counts(values) -> str:
 
 
 def run(args) -> int:
-    from pipeline import react, runtime
+    from pipeline import runtime
+    from pipeline.data import react
     from pipeline.config import load
 
     cfg = load(InspectConfig, args.config, args.overrides, data=args.data, quick=args.quick,
@@ -101,7 +102,7 @@ def run(args) -> int:
     print(f"  release {ds.release} ({video}); Emotion roles: {ds.emotion_naming}; mean_face.npy: {mean_face}"
           + (f"; no {', '.join(missing_csv)}" if missing_csv else ""))
     if mean_face == "no":
-        from pipeline.publish import MEAN_FACE_MISSING
+        from pipeline.data.publish import MEAN_FACE_MISSING
 
         print(f"  warning: {MEAN_FACE_MISSING}")
 

@@ -56,10 +56,10 @@ def run(args) -> int:
     import dataclasses
 
     from pipeline import config
-    from pipeline.promote import (EXIT_BUSY, LockBusy, PromoteConfig, PromotionConflict, parse_gate,
+    from pipeline.registry.promote import (EXIT_BUSY, LockBusy, PromoteConfig, PromotionConflict, parse_gate,
                                   run_promotion)
-    from pipeline.registry import RegistryError
-    from pipeline.snapshot import SnapshotError
+    from pipeline.registry.models import RegistryError
+    from pipeline.data.snapshot import SnapshotError
 
     evaluation = {k: v for k, v in {"samples": args.samples, "max_items": args.max_items,
                                     "decoder_dropout": args.decoder_dropout}.items() if v is not None}

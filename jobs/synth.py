@@ -59,7 +59,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline import runtime, synth
+    from pipeline import runtime
+    from pipeline.data import synth
     from pipeline.config import load
 
     cfg = load(synth.SynthConfig, args.config, args.overrides, out=args.out, dyads=args.dyads,

@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
 def config_from_args(args):
     """--config + --set + explicit options → TrainConfig (explicit options win)."""
     from pipeline import config
-    from pipeline.train import TrainConfig
+    from pipeline.train.job import TrainConfig
 
     explicit = {k: getattr(args, k) for k in ("stage", "features", "autoencoder", "name", "storage_path",
                                                "preset", "ray_address")}
@@ -71,7 +71,7 @@ def config_from_args(args):
 def run(args) -> int:
     import json
 
-    from pipeline.train import TrainError, train
+    from pipeline.train.job import TrainError, train
 
     cfg = config_from_args(args)
     try:

@@ -49,8 +49,13 @@ def _banner(step: int, text: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from pipeline import evaluate, extract, generate, promote, synth, train
-    from pipeline.react import open_dataset
+    from pipeline.evaluate import job as evaluate
+    from pipeline.data import extract
+    from pipeline.generate import job as generate
+    from pipeline.registry import promote
+    from pipeline.data import synth
+    from pipeline.train import job as train
+    from pipeline.data.react import open_dataset
 
     started = time.perf_counter()
     ws = runtime.workspace(cfg.workdir)

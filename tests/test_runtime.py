@@ -20,8 +20,8 @@ def test_importing_the_library_changes_no_environment_variable(clean_env):
 
     script = ("import json, os, sys\n"
               "before = dict(os.environ)\n"
-              "import pipeline, pipeline.runtime, pipeline.storage, pipeline.extract, pipeline.train\n"
-              "import pipeline.evaluate, pipeline.generate, jobs.cli\n"
+              "import pipeline, pipeline.runtime, pipeline.storage, pipeline.data.extract, pipeline.train.job\n"
+              "import pipeline.evaluate.job, pipeline.generate.job, jobs.cli\n"
               "after = dict(os.environ)\n"
               "print(json.dumps({k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}))\n")
     proc = subprocess.run([sys.executable, "-c", script], env=clean_env, capture_output=True, text=True, timeout=300)

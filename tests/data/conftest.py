@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import synth
-from pipeline.react import EMOTION_COLUMNS
+from pipeline.data import synth
+from pipeline.data.react import EMOTION_COLUMNS
 
 SMALL = dict(dyads=(2, 1, 1), frames=60, seed=0)
 
@@ -46,7 +46,7 @@ def write_layout():
 def _write_layout(root: Path, splits: dict[str, list[tuple[str, str]]], *, emotion_roles: str = "P1/P2",
                  video: str = "mp4", frames: int = 5) -> None:
     """A hand-made layout: real csv/npy label files, placeholder media (listing tests only)."""
-    from pipeline.react import emotion_clip_path
+    from pipeline.data.react import emotion_clip_path
 
     for split, rows in splits.items():
         (root / f"{split}.csv").parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from jobs.cli import main as cli
-from pipeline import react, storage, synth
-from pipeline.react import ReactLayoutError, open_dataset
+from pipeline import storage
+from pipeline.data import react
+from pipeline.data import synth
+from pipeline.data.react import ReactLayoutError, open_dataset
 
 NOXI = "NoXI/001_2016-03-17_Paris"
 VAL_ROWS = [
@@ -246,7 +248,7 @@ def test_inspect_exit_codes(synth_2024, copy_dataset, tmp_path, capsys):
 
 def test_missing_mean_face_is_said_by_inspect_and_the_extraction_report(synth_2024, copy_dataset, capsys):
     """Without mean_face.npy the 3DMM targets stay absolute: say so instead of training silently."""
-    from pipeline.publish import format_report
+    from pipeline.data.publish import format_report
 
     root = copy_dataset(synth_2024[0])
     assert cli(["inspect", "--data", str(root)]) == 0

@@ -10,8 +10,9 @@ import pytest
 import soundfile
 
 from jobs.cli import main as cli
-from pipeline import react, synth
-from pipeline.react import EMOTION_COLUMNS, open_dataset
+from pipeline.data import react
+from pipeline.data import synth
+from pipeline.data.react import EMOTION_COLUMNS, open_dataset
 
 
 def test_synth_output_passes_inspect(tmp_path, capsys):

@@ -12,7 +12,7 @@ from eval_fixtures import tiny_generator, write_tiny_snapshot
 
 @pytest.fixture(scope="session")
 def tiny_snapshot(tmp_path_factory):
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.snapshot import Snapshot
 
     return Snapshot.open(write_tiny_snapshot(str(tmp_path_factory.mktemp("eval-snapshots"))))
 
@@ -26,7 +26,8 @@ class Models:
 @pytest.fixture
 def registered(mlflow_uri, tiny_snapshot):
     """Two registered versions of tiny generators (v1, v2), trained on the tiny snapshot (tags)."""
-    from pipeline import registry, tracking
+    from pipeline.registry import models as registry
+    from pipeline.registry import runs as tracking
 
     versions = []
     for seed in (0, 1):

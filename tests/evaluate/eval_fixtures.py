@@ -1,6 +1,6 @@
 """Helpers of the evaluation tests: a tiny feature snapshot and a tiny generator.
 
-The snapshot is written directly in the reader's format (``pipeline.snapshot``: one Parquet file
+The snapshot is written directly in the reader's format (``pipeline.data.snapshot``: one Parquet file
 per clip with ``list<fixed_size_list>`` feature cells, items, neighbours, manifest last) with
 narrow features, instead of decoding synthetic videos: evaluation only reads speaker features,
 labels, items and the neighbour matrix, and this takes milliseconds instead of a minute.
@@ -38,8 +38,8 @@ def write_tiny_snapshot(root: str, snapshot_id: str = "20260101T000000Z-tiny", d
     import pyarrow.parquet as pq
 
     from pipeline import storage
-    from pipeline.extract import clip_file
-    from pipeline.snapshot import FORMAT, MANIFEST, tensor_array
+    from pipeline.data.extract import clip_file
+    from pipeline.data.snapshot import FORMAT, MANIFEST, tensor_array
 
     rng = np.random.default_rng(seed)
     uri = storage.join(root, snapshot_id)

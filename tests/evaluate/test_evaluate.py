@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import evaluate as ev
+from pipeline.evaluate import job as ev
 
 SAMPLES, STEPS = 2, 1
 
@@ -123,7 +123,7 @@ def test_predictions_parquet_contract(tmp_path, ray_local):
 def test_quarantined_clip_drops_its_items(tmp_path):
     from eval_fixtures import write_tiny_snapshot
 
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.snapshot import Snapshot
 
     snap = Snapshot.open(write_tiny_snapshot(str(tmp_path), quarantined=("NoXI/001_session/Novice_video/1",)))
     items, neighbours, dropped = ev.split_items(snap, "val")
@@ -175,7 +175,7 @@ def test_evaluate_job_scores_saved_predictions_and_logs_to_mlflow(generated, tin
 def test_promotion_with_real_evaluations(registered, tiny_snapshot, ray_local, monkeypatch):
     """First model becomes champion; the second is gated on the same items and seeds, the
     champion's metrics come from its cached evaluation, and the decision matches the gate."""
-    from pipeline import promote as P
+    from pipeline.registry import promote as P
 
     calls = []
     real = ev.evaluate_generator

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from pipeline import promote as P
-from pipeline.promote import MetricGate, PromoteConfig, PromotionLock, apply_gate, promote
+from pipeline.registry import promote as P
+from pipeline.registry.promote import MetricGate, PromoteConfig, PromotionLock, apply_gate, promote
 
 NAME = "reactdiff"
 
@@ -252,7 +252,7 @@ def test_lock_is_exclusive_expires_and_reports_its_holder(registry):
 
 LOCK_WORKER = textwrap.dedent("""
     import sys, time, mlflow
-    from pipeline.promote import PromotionLock
+    from pipeline.registry.promote import PromotionLock
     uri, counter, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     c = mlflow.MlflowClient(uri, registry_uri=uri)
     for _ in range(rounds):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from extract_fixtures import beep, flash_frames, write_mp4, write_pngs, write_wav
-from pipeline import decode
-from pipeline.decode import ClipError
+from pipeline.data import media as decode
+from pipeline.data.media import ClipError
 
 
 def _all_crops(video, chunk):

@@ -12,9 +12,10 @@ import pytest
 
 from extract_fixtures import (beep, copy_dataset, flash_frames, save_tiny_torchscript, save_tiny_wav2vec2,
                               write_mp4, write_wav)
-from pipeline import react, storage
-from pipeline.extract import ExtractConfig, extract
-from pipeline.snapshot import Snapshot, SnapshotError
+from pipeline import storage
+from pipeline.data import react
+from pipeline.data.extract import ExtractConfig, extract
+from pipeline.data.snapshot import Snapshot, SnapshotError
 
 pytestmark = pytest.mark.slow
 DEMO_COLUMNS = ["video_pixels", "audio_mfcc26", "emotion", "tdmm"]
@@ -228,7 +229,8 @@ def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synt
     assert np.isfinite(f["audio_wav2vec2"]).all() and f["audio_wav2vec2"].std() > 0
 
     # The actor stage computes what the extractor computes in-process on the same crops.
-    from pipeline import decode, features
+    from pipeline.data import media as decode
+    from pipeline.data import features
 
     ext = features.build_extractor("tiny", {"type": "torchscript", "uri": ts, "width": 8})
     ext.resolve()
@@ -239,7 +241,7 @@ def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synt
 
     # One clip in this process (what `reactdiff generate` runs on a new speaker), with the feature
     # set rebuilt from the manifest: the job's code path, so the snapshot's numbers.
-    from pipeline.extract import extract_clip
+    from pipeline.data.extract import extract_clip
 
     rebuilt, policy = features.feature_set_from_manifest(result.manifest)
     assert policy == {"fps": 25.0, "frames": None, "frame_tolerance": 2, "decode_chunk": 64}
@@ -253,7 +255,7 @@ def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synt
 
 def test_cli_png_release_and_errors(ray_local, tmp_path, capsys):
     from jobs import cli
-    from pipeline import synth
+    from pipeline.data import synth
 
     root = tmp_path / "react2023"
     synth.generate(str(root), dyads=(1, 0, 0), frames=20, seed=1, release="2023")

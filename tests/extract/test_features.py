@@ -10,9 +10,9 @@ import torch
 
 from extract_fixtures import (TINY_WAV2VEC2, beep, flash_frames, save_tiny_torchscript, save_tiny_wav2vec2,
                               tiny_wav2vec2)
-from pipeline import features
-from pipeline.decode import Audio, face_crops
-from pipeline.features import FeatureSetError
+from pipeline.data import features
+from pipeline.data.media import Audio, face_crops
+from pipeline.data.features import FeatureSetError
 
 
 def _ext(name, **spec):

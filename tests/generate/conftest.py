@@ -30,12 +30,12 @@ class Speaker:
 class Registered:
     uri: str            # MLflow tracking + registry URI
     version: object     # ModelVersion of models:/reactdiff@champion
-    snapshot: object    # pipeline.snapshot.Snapshot the model was registered with
+    snapshot: object    # pipeline.data.snapshot.Snapshot the model was registered with
 
 
 @pytest.fixture(scope="session")
 def react_test_split(tmp_path_factory) -> Path:
-    from pipeline import synth
+    from pipeline.data import synth
 
     root = tmp_path_factory.mktemp("generate-data") / "react"
     synth.generate(str(root), dyads=(0, 0, 2), frames=751, seed=3)
@@ -45,7 +45,7 @@ def react_test_split(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def speaker(react_test_split) -> Speaker:
     """The speaker of item 0 of the test split: mp4 (no audio stream), wav, Emotion csv, 3DMM npy."""
-    from pipeline import react
+    from pipeline.data import react
 
     ds = react.open_dataset(str(react_test_split))
     clip = ds.clip(ds.items(SPLIT)[0].speaker, SPLIT)
@@ -54,7 +54,7 @@ def speaker(react_test_split) -> Speaker:
 
 @pytest.fixture(scope="session")
 def snapshot(ray_local, react_test_split, tmp_path_factory):
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.data.extract import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("generate-snapshots")
     result = extract(ExtractConfig(data=str(react_test_split), out=str(out), feature_set="demo"))
@@ -69,7 +69,8 @@ def _registered(snapshot, _migrated_mlflow_db, tmp_path_factory) -> Registered:
     import numpy as np
     import torch
 
-    from pipeline import registry, tracking
+    from pipeline.registry import models as registry
+    from pipeline.registry import runs as tracking
     from reactdiff.generator import build_generator
 
     db = tmp_path_factory.mktemp("generate-mlflow") / "mlflow.db"

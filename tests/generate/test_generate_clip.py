@@ -7,8 +7,9 @@ import json
 import numpy as np
 
 from jobs import cli
-from pipeline import react, render
-from pipeline.generate import GenerateConfig, SpeakerClip, extract_speaker, generate_clip, load_model
+from pipeline.data import react
+from pipeline.generate import render
+from pipeline.generate.job import GenerateConfig, SpeakerClip, extract_speaker, generate_clip, load_model
 
 MODEL = "models:/reactdiff@champion"
 FAST = ["--samples", "3", "--steps", "2"]

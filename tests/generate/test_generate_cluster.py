@@ -64,7 +64,7 @@ def test_one_clip_runs_as_a_gpu_task_when_the_cluster_has_gpus(gpu_head, registr
 
 
 def test_without_a_cluster_one_clip_is_generated_in_the_driver(monkeypatch):
-    from pipeline.generate import GenerateConfig, _clip_wants_a_gpu_task
+    from pipeline.generate.job import GenerateConfig, _clip_wants_a_gpu_task
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = GenerateConfig(speaker_video="x.mp4", device="cuda")

@@ -7,8 +7,9 @@ import io
 import numpy as np
 import pytest
 
-from pipeline import react, render
-from pipeline.generate import GenerationError, attributes_csv, clean_emotion, pad_frames
+from pipeline.data import react
+from pipeline.generate import render
+from pipeline.generate.job import GenerationError, attributes_csv, clean_emotion, pad_frames
 
 
 def raw_reactions(k=3, t=40, seed=0) -> np.ndarray:

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from jobs import cli
-from pipeline import evaluate, storage
-from pipeline.generate import PREDICTIONS_MANIFEST
+from pipeline import storage
+from pipeline.evaluate import job as evaluate
+from pipeline.generate.job import PREDICTIONS_MANIFEST
 
 MODEL = "models:/reactdiff@champion"
 SAMPLES, STEPS, SEED = 2, 1, 7
 
 
 def test_batch_predictions_score_like_direct_evaluation(registry, s3, capsys):
-    from pipeline.registry import load_generator
+    from pipeline.registry.models import load_generator
 
     out = s3.uri("predictions", "test")
     rc = cli.main(["generate", "--model", MODEL, "--split", "test", "--samples", str(SAMPLES),

@@ -68,7 +68,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def clean_root(tmp_path_factory) -> str:
     """Synthetic REACT 2024, 2/1/1 dyads = 8 person clips of FRAMES frames (read-only)."""
-    from pipeline import synth
+    from pipeline.data import synth
 
     root = tmp_path_factory.mktemp("rel-react") / "data"
     synth.generate(str(root), dyads=(2, 1, 1), frames=FRAMES, seed=3, release="2024")
@@ -95,8 +95,9 @@ def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
     dummy secret: both must stay out of everything the run writes or says).
     """
     import reliability_faults as F
-    from pipeline import react, storage
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline import storage
+    from pipeline.data import react
+    from pipeline.data.extract import ExtractConfig, extract
 
     prefix = f"s3://{s3_server.bucket}/rel-{uuid.uuid4().hex[:8]}"
     data, out = f"{prefix}/data", f"{prefix}/snapshots"

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pipeline import features
+from pipeline.data import features
 
 # tests/conftest.py's dummy S3 secret (set before this module is imported): a credential like any
 # other, so it must not appear in anything a run writes or says either.
@@ -381,7 +381,8 @@ def s3_endpoint(endpoint: str):
 
 def holding_feature_set(path: Path, target: str, control: Path, holds: int) -> str:
     """The demo feature set whose Emotion extractor holds the ``target`` clip's worker."""
-    from pipeline import config, features
+    from pipeline import config
+    from pipeline.data import features
 
     data = config.read_yaml(features.FEATURE_SET_DIR / "demo.yaml")
     data["extractors"]["emotion"] = {"type": "emotion", "target": target, "control": str(control), "holds": holds}
@@ -395,7 +396,7 @@ def holding_emotion():
     import ray.cloudpickle
 
     import reliability_faults
-    from pipeline import features
+    from pipeline.data import features
 
     ray.cloudpickle.register_pickle_by_value(reliability_faults)
     previous = features.REGISTRY["emotion"]

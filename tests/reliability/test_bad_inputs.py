@@ -14,8 +14,8 @@ import pytest
 import reliability_report as R
 from extract_fixtures import beep, flash_frames, write_mp4, write_wav
 from reliability_faults import FRAMES, Payload
-from pipeline import react
-from pipeline.extract import ExtractConfig, extract, extract_clip
+from pipeline.data import react
+from pipeline.data.extract import ExtractConfig, extract, extract_clip
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def broken(ray_local, tmp_path_factory):
     """16 person clips (6/1/1 dyads), 14 broken one way each, extracted in one run."""
-    from pipeline import synth
+    from pipeline.data import synth
 
     tmp = tmp_path_factory.mktemp("rel-bad")
     root = str(tmp / "data")
@@ -171,7 +171,7 @@ def test_every_clip_is_accounted_for_and_each_broken_one_names_its_file(broken, 
 
 def test_the_other_clips_come_out_as_if_nothing_was_broken(broken):
     """Untouched clips are byte-for-byte what the job's own per-clip code path computes alone."""
-    from pipeline.features import load_feature_set
+    from pipeline.data.features import load_feature_set
 
     snap = broken["result"].snapshot
     features = load_feature_set("demo")

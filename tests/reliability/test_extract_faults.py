@@ -11,9 +11,10 @@ import pytest
 
 import reliability_faults as F
 import reliability_report as R
-from pipeline import react, storage
-from pipeline.extract import ExtractConfig, extract, extract_clip
-from pipeline.snapshot import MANIFEST, Snapshot, SnapshotError
+from pipeline import storage
+from pipeline.data import react
+from pipeline.data.extract import ExtractConfig, extract, extract_clip
+from pipeline.data.snapshot import MANIFEST, Snapshot, SnapshotError
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_a_worker_killed_mid_clip_is_retried_and_the_job_completes(clean_run, cl
     files = list(storage.walk_files(storage.join(r.result.uri, "clips"), ".parquet"))
     assert len(files) == 8
     clip = react.open_dataset(clean_root).clip(r.target)
-    from pipeline.features import load_feature_set
+    from pipeline.data.features import load_feature_set
 
     features = load_feature_set("demo")
     features.resolve()
@@ -157,7 +158,7 @@ class Interrupted(BaseException):
 
 def test_a_job_interrupted_before_publishing_leaves_no_snapshot_readers_take(clean_root, ray_local, tmp_path,
                                                                              monkeypatch, request):
-    from pipeline.train import TrainError, _open_snapshot
+    from pipeline.train.job import TrainError, _open_snapshot
 
     out = str(tmp_path / "snapshots")
     write_json = storage.write_json

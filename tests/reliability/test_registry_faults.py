@@ -27,7 +27,7 @@ TABLE = {"1": {"FRCorr": 0.10, "FRDist": 90.0}, "2": {"FRCorr": 0.30, "FRDist": 
 PROMOTER = """
 import json, os, sys, time
 import mlflow
-from pipeline.promote import PromoteConfig, promote
+from pipeline.registry.promote import PromoteConfig, promote
 candidate, table, go, mode, ttl = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
 if mode == "die-at-commit":                      # stop dead at the single commit write
     def at_commit(self, name, alias, version):
@@ -62,7 +62,7 @@ def _start(tmp: Path, script: Path, candidate: str, go: Path, mode: str = "promo
 def test_promoter_processes_racing_or_dying_leave_one_consistent_champion(mlflow_uri, tmp_path, request):
     import mlflow
 
-    from pipeline.promote import PromoteConfig, PromotionLock, promote
+    from pipeline.registry.promote import PromoteConfig, PromotionLock, promote
 
     c = mlflow.MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     c.create_registered_model(NAME)

@@ -42,7 +42,7 @@ def _load_generator(path: str, s3):
 
 
 def _load_generator_from_s3(path: str, s3):
-    from pipeline.registry import load_generator_file
+    from pipeline.registry.models import load_generator_file
 
     uri = s3.uri("evil", "generator.pt")
     storage.write_bytes(uri, Path(path).read_bytes())
@@ -50,7 +50,7 @@ def _load_generator_from_s3(path: str, s3):
 
 
 def _read_train_checkpoint(path: str, s3):
-    from pipeline.checkpoints import CHECKPOINT_FILE, read_checkpoint
+    from pipeline.train.checkpoints import CHECKPOINT_FILE, read_checkpoint
 
     folder = Path(path).parent / "checkpoint_epoch0001"
     folder.mkdir()
@@ -59,7 +59,7 @@ def _read_train_checkpoint(path: str, s3):
 
 
 def _load_train_checkpoint_from_s3(path: str, s3):
-    from pipeline.checkpoints import CHECKPOINT_FILE, load_checkpoint_uri
+    from pipeline.train.checkpoints import CHECKPOINT_FILE, load_checkpoint_uri
 
     uri = s3.uri("evil", "checkpoint_epoch0001")
     storage.write_bytes(storage.join(uri, CHECKPOINT_FILE), Path(path).read_bytes())
@@ -67,7 +67,7 @@ def _load_train_checkpoint_from_s3(path: str, s3):
 
 
 def _load_wav2vec2_weights(path: str, s3):
-    from pipeline.features import build_extractor
+    from pipeline.data.features import build_extractor
 
     ext = build_extractor("wav2vec2", {"type": "wav2vec2", "uri": path})
     ext.resolve()
@@ -101,7 +101,7 @@ def test_a_model_file_swapped_since_extraction_is_refused_before_it_loads(tmp_pa
     import torch
 
     from pipeline.config import ConfigError
-    from pipeline.features import feature_set_from_manifest
+    from pipeline.data.features import feature_set_from_manifest
 
     model = save_tiny_torchscript(tmp_path / "net.pt", width=8, seed=0)
     recorded = hashlib.sha256(Path(model).read_bytes()).hexdigest()
@@ -137,8 +137,8 @@ def test_s3_secrets_never_appear_in_extraction_logs_snapshots_or_errors(clean_ru
     of the snapshot (manifest, quarantine, items, clip files), in Ray's session logs, or in the
     errors that S3 failures raise."""
     from jobs import cli
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.extract import ExtractConfig, extract
+    from pipeline.data.snapshot import Snapshot
 
     secrets = [clean_run.marker, F.SESSION_SECRET]
     leaks, scanned = [], 0

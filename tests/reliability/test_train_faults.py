@@ -45,12 +45,12 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"      # Ray Train's record of p
 TRAIN_SCRIPT = """
 import json, logging, os, sys
 sys.path.insert(0, sys.argv[2])                      # tests/train: train_fixtures
-from pipeline import runtime                         # the suite's hermetic env is inherited
+from pipeline import runtime  # the suite's hermetic env is inherited
 logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 for noisy in ("urllib3", "botocore", "aiobotocore", "matplotlib", "PIL", "filelock", "git", "alembic"):
     logging.getLogger(noisy).setLevel(logging.INFO)
 from train_fixtures import load_config
-from pipeline.train import train
+from pipeline.train.job import train
 runtime.init_ray(num_cpus=4)
 print("TRAINING", flush=True)
 train(load_config(json.loads(sys.argv[1])))
@@ -140,7 +140,7 @@ def driver_killed(run):
 @pytest.fixture(scope="module")
 def resumed(run, driver_killed, ray_local):
     """The same command re-run here; one Ray Train worker SIGKILLed once this run has persisted a checkpoint."""
-    from pipeline.train import train
+    from pipeline.train.job import train
 
     session_dir = ray_local._private.worker._global_node.get_session_dir_path()
     killed: dict = {}
@@ -245,8 +245,8 @@ def test_the_s3_secret_appears_in_no_log_checkpoint_or_mlflow_record(run, driver
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(run, resumed, request):
     import mlflow
 
-    from pipeline.checkpoints import CHECKPOINT_FILE, checkpoint_metas
-    from pipeline.train import train
+    from pipeline.train.checkpoints import CHECKPOINT_FILE, checkpoint_metas
+    from pipeline.train.job import train
 
     metas = checkpoint_metas(run["run_dir"])
     newest, meta = metas[-1]

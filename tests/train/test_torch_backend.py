@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import torch_backend
+from pipeline.train import backend as torch_backend
 from pipeline.runtime import is_local_address
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from pipeline.train import TrainConfig
-from pipeline.train_config import resolved_settings
+from pipeline.train.job import TrainConfig
+from pipeline.train.config import resolved_settings
 
 
 def _args(*argv):
@@ -67,8 +67,8 @@ def test_preset_reference_settings_fill_unset_values():
 def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
     import torch
 
-    from pipeline.checkpoints import CHECKPOINT_FILE, export_checkpoint, write_checkpoint
-    from pipeline.train import TrainError
+    from pipeline.train.checkpoints import CHECKPOINT_FILE, export_checkpoint, write_checkpoint
+    from pipeline.train.job import TrainError
 
     run_dir = tmp_path / "run"
     for epoch, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, None)):      # epoch 4: not validated
@@ -98,8 +98,8 @@ def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
 
 
 def test_global_batch_is_split_over_workers():
-    from pipeline.train import worker_batch_size
-    from pipeline.train_config import TrainError
+    from pipeline.train.job import worker_batch_size
+    from pipeline.train.config import TrainError
 
     assert worker_batch_size(16, 4, 3186) == 4          # the reference's 16 items per step on 4 GPUs
     assert worker_batch_size(16, 1, 3186) == 16
@@ -114,9 +114,9 @@ def test_paper_stage1_from_a_paper_snapshot_has_the_reference_attention_roles(tm
     import torch
 
     from pipeline import storage
-    from pipeline.features import load_feature_set
-    from pipeline.snapshot import FORMAT, Snapshot
-    from pipeline.train import _generator_config
+    from pipeline.data.features import load_feature_set
+    from pipeline.data.snapshot import FORMAT, Snapshot
+    from pipeline.train.job import _generator_config
     from reactdiff import ReactDiffGenerator, build_generator
 
     models = {name: str(tmp_path / f"{name}.pt") for name in ("au", "va", "fe", "wav2vec2")}

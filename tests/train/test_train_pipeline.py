@@ -51,8 +51,8 @@ def test_stage1_resumes_by_name_and_after_a_worker_failure(stage1, train_mlflow,
 
 
 def test_stage1_exports_autoencoder_with_train_statistics(stage1, train_snapshot, train_mlflow):
-    from pipeline.registry import load_generator_file
-    from pipeline.snapshot import Snapshot
+    from pipeline.registry.models import load_generator_file
+    from pipeline.data.snapshot import Snapshot
 
     result = stage1[1]
     snap = Snapshot.open(train_snapshot)
@@ -80,7 +80,7 @@ def test_checkpoints_are_plain_tensors_loaded_with_weights_only(stage1, train_st
     import torch
 
     from pipeline import storage
-    from pipeline.checkpoints import CHECKPOINT_FILE, generator_from_state
+    from pipeline.train.checkpoints import CHECKPOINT_FILE, generator_from_state
 
     run_dir = storage.join(train_storage, "tiny-autoencoder")
     names = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_epoch")]
@@ -99,8 +99,10 @@ def test_stage2_trains_on_latent_pairs_and_registers_a_challenger(stage2, stage1
                                                                  monkeypatch):
     import mlflow
 
-    from pipeline import registry, storage, tracking
-    from pipeline.snapshot import Snapshot
+    from pipeline import storage
+    from pipeline.registry import models as registry
+    from pipeline.registry import runs as tracking
+    from pipeline.data.snapshot import Snapshot
 
     snap = Snapshot.open(train_snapshot)
     assert stage2.stage == "diffusion" and stage2.epoch == 2
@@ -134,7 +136,7 @@ def test_stage2_trains_on_latent_pairs_and_registers_a_challenger(stage2, stage1
 
 
 def test_rerunning_a_finished_run_adds_no_epoch_and_no_version(stage2, train_snapshot, train_storage, train_mlflow):
-    from pipeline.train import train
+    from pipeline.train.job import train
 
     again = train(load_config(tiny_overrides(train_snapshot, train_storage, train_mlflow, "diffusion")))
     assert again.mlflow_run_id == stage2.mlflow_run_id and again.model_version == stage2.model_version

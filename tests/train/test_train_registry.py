@@ -1,4 +1,4 @@
-"""The MLflow registry API (pipeline/registry.py) on a real sqlite store, without Ray."""
+"""The MLflow registry API (pipeline/registry/models.py) on a real sqlite store, without Ray."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import registry, tracking
+from pipeline.registry import models as registry
+from pipeline.registry import runs as tracking
 
 FRAMES = 100
 

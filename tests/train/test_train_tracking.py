@@ -1,10 +1,10 @@
-"""MLflow run lifecycle helpers (pipeline/tracking.py): resume-safe epoch logging, params, plots."""
+"""MLflow run lifecycle helpers (pipeline/registry/runs.py): resume-safe epoch logging, params, plots."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline.registry import runs as tracking
 
 
 def _history(epochs, offset=0.0):

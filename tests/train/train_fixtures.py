@@ -25,6 +25,6 @@ def tiny_overrides(snapshot_uri: str, storage_uri: str, tracking_uri: str, stage
 
 def load_config(overrides: list[str]):
     from pipeline import config
-    from pipeline.train import TrainConfig
+    from pipeline.train.job import TrainConfig
 
     return config.load(TrainConfig, "train", overrides)

@@ -298,7 +298,7 @@ def audio_at(audio: Audio, rate: int) -> Audio:
 
 def read_emotion(uri: str) -> np.ndarray:
     """[T, 25] float32 facial attributes (REACT Emotion csv); ClipError on a bad file."""
-    from pipeline import react
+    from pipeline.data import react
 
     try:
         return react.read_emotion(uri)
@@ -310,7 +310,7 @@ def read_emotion(uri: str) -> np.ndarray:
 
 def read_tdmm(uri: str) -> np.ndarray:
     """[T, 58] float32 FaceVerse 3DMM coefficients (squeezed); ClipError on a bad file."""
-    from pipeline import react
+    from pipeline.data import react
 
     try:
         arr = react.read_tdmm(uri)

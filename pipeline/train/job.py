@@ -7,9 +7,9 @@
 
 This module is the driver: ``train()`` opens the snapshot, creates or reopens the MLflow run,
 builds the datasets, runs the TorchTrainer, then exports and registers. The rest lives in
-pipeline.train_loop (what every Ray Train worker runs), pipeline.train_config (TrainConfig, its
-settings and TrainError, re-exported here), pipeline.checkpoints (a run's checkpoint files) and
-pipeline.latent_pairs (stage 2's encoded pairs).
+pipeline.train.loop (what every Ray Train worker runs), pipeline.train.config (TrainConfig, its
+settings and TrainError, re-exported here), pipeline.train.checkpoints (a run's checkpoint files) and
+pipeline.train.latent_pairs (stage 2's encoded pairs).
 
 The data flows as the paper's two stages (model.md §8):
 
@@ -25,7 +25,7 @@ The data flows as the paper's two stages (model.md §8):
            on val pairs + REACT metrics on the first val items (rank 0) → generator.pt →
            MLflow model → registry version with alias ``challenger`` (from the driver).
 
-Why pre-encode the pairs (pipeline.latent_pairs): stage 1 is frozen and its encoder is
+Why pre-encode the pairs (pipeline.train.latent_pairs): stage 1 is frozen and its encoder is
 deterministic (no dropout; μ for a variational one), so a latent computed once is exactly the
 latent every epoch would compute; the encoder (121 M parameters over 26 k-wide inputs in the
 paper preset) then runs once per clip instead of twice per item per epoch, and each epoch
@@ -35,7 +35,7 @@ exactly its clips (``Snapshot.load_clips``), never a whole split in one process.
 cached in the run folder (marker with the autoencoder's digest), so a resume does not re-encode.
 
 Resume semantics (Ray Train V2 has no ``Trainer.restore``): a run is identified by
-``RunConfig(name, storage_path)``. Every checkpoint (pipeline.checkpoints) holds model, EMA,
+``RunConfig(name, storage_path)``. Every checkpoint (pipeline.train.checkpoints) holds model, EMA,
 optimiser, epoch, step, the per-epoch metric history, the MLflow run id, the config and the
 snapshot id. A worker failure restarts the worker group from the latest checkpoint
 (``FailureConfig.max_failures``); re-running the same command (same name) continues where it
@@ -60,14 +60,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline import storage, tracking
-from pipeline.checkpoints import checkpoint_metas, export_checkpoint, generator_from_state, previous_meta
+from pipeline import storage
+from pipeline.registry import runs as tracking
+from pipeline.train.checkpoints import checkpoint_metas, export_checkpoint, generator_from_state, previous_meta
 from pipeline.config import flatten, to_dict
-from pipeline.latent_pairs import pairs_dataset, prepare_latent_pairs
-from pipeline.train_config import (CheckpointSettings, DataSettings, DebugSettings, MLflowSettings, ScalingSettings,
+from pipeline.train.latent_pairs import pairs_dataset, prepare_latent_pairs
+from pipeline.train.config import (CheckpointSettings, DataSettings, DebugSettings, MLflowSettings, ScalingSettings,
                                    StageSettings, TrainConfig, TrainError, ValidationSettings, resolved_settings)
 # train_loop takes its config from train_config and never imports this module: no import cycle.
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.train.loop import train_loop_per_worker
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainError", "StageSettings", "ScalingSettings",
            "CheckpointSettings", "ValidationSettings", "DataSettings", "MLflowSettings", "DebugSettings",
@@ -158,7 +159,7 @@ def _sharding_config():
 
 def _open_snapshot(ref: str):
     from pipeline.runtime import workspace
-    from pipeline.snapshot import Snapshot, SnapshotError
+    from pipeline.data.snapshot import Snapshot, SnapshotError
 
     try:
         return Snapshot.resolve(ref, root=workspace().snapshots)
@@ -205,7 +206,7 @@ def _generator_config(cfg: TrainConfig, snapshot, autoencoder_uri: str | None):
             raise TrainError(f"snapshot {snapshot.id} lacks the model inputs {missing} "
                              f"(it has {', '.join(snapshot.features)})")
         return gc
-    from pipeline.registry import load_generator_file
+    from pipeline.registry.models import load_generator_file
 
     trained = load_generator_file(autoencoder_uri)
     if not trained.latent_stats.ready:
@@ -311,7 +312,7 @@ def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.torch_backend import LoopbackTorchConfig
+    from pipeline.train.backend import LoopbackTorchConfig
 
     fs, path = (storage.arrow_filesystem(storage_path) if storage.is_remote(storage_path)
                 else (None, storage_path))
@@ -433,7 +434,7 @@ def _finish(cfg: TrainConfig, snapshot, run_dir: str, run_id: str, uri: str, met
             generator.save(local)
             c.log_artifact(run_id, local, cfg.stage)
         if cfg.stage == "diffusion" and cfg.mlflow.register:
-            from pipeline.registry import register_generator
+            from pipeline.registry.models import register_generator
 
             mv = register_generator(generator, name=cfg.mlflow.model_name, run_id=run_id, snapshot=snapshot,
                                     alias=cfg.mlflow.alias,

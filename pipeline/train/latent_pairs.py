@@ -1,7 +1,7 @@
 """Stage 2's latent pairs: every directed item's (speaker, listener) latents under the frozen
 stage 1, encoded once by a Ray Data actor pool and cached as Parquet in the run folder.
 
-Why pre-encoding is exact and what it saves: see the module docstring of pipeline.train.
+Why pre-encoding is exact and what it saves: see the module docstring of pipeline.train.job.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from pipeline import storage
-from pipeline.train_config import TrainError
+from pipeline.train.config import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ class LatentPairEncoder:
     def __init__(self, snapshot_uri: str, autoencoder_uri: str, batch_size: int):
         import torch
 
-        from pipeline.registry import load_generator_file
-        from pipeline.snapshot import Snapshot
+        from pipeline.registry.models import load_generator_file
+        from pipeline.data.snapshot import Snapshot
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """Configuration of a training run (jobs/configs/train.yaml): TrainConfig, its settings, TrainError.
 
-A module of its own so that the driver (pipeline.train), the workers (pipeline.train_loop) and
-the checkpoint / latent-pair helpers import it without importing each other; ``pipeline.train``
+A module of its own so that the driver (pipeline.train.job), the workers (pipeline.train.loop) and
+the checkpoint / latent-pair helpers import it without importing each other; ``pipeline.train.job``
 re-exports these classes.
 """
 
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline import tracking
+from pipeline.registry import runs as tracking
 from pipeline.config import ConfigError
 
 STAGES = ("autoencoder", "diffusion")

@@ -5,7 +5,7 @@ One clip (``reactdiff generate --speaker-video X.mp4``), read top to bottom as t
     model URI ─ registry ─ generator + version ─ version tag snapshot_uri ─ snapshot manifest
                                                    └─ the feature set the model was trained on
     speaker mp4 (+ wav) ─ checks (readable, face-sized, audio when the model hears)
-                        ─ pipeline.extract.extract_clip: decode_clip + the network stages (the
+                        ─ pipeline.data.extract.extract_clip: decode_clip + the network stages (the
                           extraction job's own code: the speaker gets exactly the features of training)
                         ─ generator.generate: K reactions [K, 750, 25] + [K, 750, 58]
                         ─ REACT files per sample: 25-column attributes csv, 751 x 58 3DMM npy
@@ -20,7 +20,7 @@ What the written files guarantee (the raw network output is unconstrained):
   have 751, so the 751st row repeats the 750th. ``generation.json`` says so, per run.
 
 A whole split (``reactdiff generate --features SNAPSHOT --split test``) runs the evaluation job's
-own Ray Data pipeline (``pipeline.evaluate.predictions_dataset``: its actor pool and per-item seeds
+own Ray Data pipeline (``pipeline.evaluate.job.predictions_dataset``: its actor pool and per-item seeds
 ``item_seed(seed, k)``) over the items evaluation scores (``available_items``: an item whose
 speaker or listener clip was quarantined is skipped), and streams Parquet in the evaluation
 predictions contract, so ``reactdiff evaluate --predictions URI`` gives the numbers a direct
@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import config as config_mod
-from pipeline import react, storage
+from pipeline import storage
+from pipeline.data import react
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities.model_registry import ModelVersion
 
-    from pipeline.features import Extractor, FeatureSet
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.features import Extractor, FeatureSet
+    from pipeline.data.snapshot import Snapshot
     from reactdiff.generator import ReactDiffGenerator
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class LoadedModel:
     @property
     def inputs(self) -> dict[str, int]:
         """The named per-frame speaker features the generator consumes (column -> width)."""
-        from pipeline.evaluate import model_features
+        from pipeline.evaluate.job import model_features
 
         return model_features(self.generator)
 
@@ -166,9 +167,9 @@ def load_model(model_uri: str, features: str | None = None, *, device: str = "cp
     Snapshot: ``features`` (URI or id under the workspace), else the version's ``snapshot_uri``
     tag (set by ``register_generator``), else the generator file's own metadata.
     """
-    from pipeline.registry import RegistryError, load_generator
+    from pipeline.registry.models import RegistryError, load_generator
     from pipeline.runtime import workspace
-    from pipeline.snapshot import Snapshot, SnapshotError
+    from pipeline.data.snapshot import Snapshot, SnapshotError
 
     try:
         generator, version = load_generator(model_uri, map_location=device)
@@ -198,7 +199,7 @@ def speaker_feature_set(model: LoadedModel, models: dict[str, str] | None = None
     Each rebuilt extractor must describe itself exactly as in the manifest (type, options,
     width, dtype, model sha256), so a new clip gets the numbers the model was trained on.
     """
-    from pipeline.features import FeatureSet, feature_set_from_manifest
+    from pipeline.data.features import FeatureSet, feature_set_from_manifest
 
     if model.snapshot is None:
         raise GenerationError(f"cannot tell which features {model.uri} consumes: it has no snapshot_uri tag. "
@@ -289,12 +290,12 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
                     device: str = "cpu", video_info: tuple | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The speaker's features {column: float32 [T, D]}, computed by the extraction job's code.
 
-    Uses ``pipeline.extract.extract_clip`` (``decode_clip`` with the CPU extractors, then the
+    Uses ``pipeline.data.extract.extract_clip`` (``decode_clip`` with the CPU extractors, then the
     job's network stages for TorchScript/wav2vec2 extractors) — the very code that built the
     snapshot. ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
     """
-    from pipeline import extract
-    from pipeline.decode import ClipError
+    from pipeline.data import extract
+    from pipeline.data.media import ClipError
 
     frames, fps, (h, w), has_audio = video_info or speaker.check_video()
     feature_set, policy = speaker_feature_set(model, feature_models)
@@ -405,8 +406,8 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     """Features of one speaker clip → K reactions → REACT files, plot and video under ``cfg.out``."""
     import torch
 
-    from pipeline import render
-    from pipeline.decode import ClipError, read_audio
+    from pipeline.generate import render
+    from pipeline.data.media import ClipError, read_audio
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -545,7 +546,7 @@ class SplitResult:
 
 def _with_ids(batch: dict[str, np.ndarray], pairs: dict[int, tuple[str, str]], seed: int) -> dict[str, np.ndarray]:
     """Add speaker, listener and the item's seed next to ``item`` and ``emotion``."""
-    from pipeline.evaluate import item_seed
+    from pipeline.evaluate.job import item_seed
 
     items = [int(i) for i in batch["item"]]
     batch["speaker"] = np.asarray([pairs[i][0] for i in items], dtype=object)
@@ -560,8 +561,9 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     Written to a staging folder, then swapped in (old part files removed) and
     ``_predictions.json`` written last: a re-run replaces, never appends duplicate items.
     """
-    from pipeline import evaluate, runtime
-    from pipeline.snapshot import SnapshotError
+    from pipeline import runtime
+    from pipeline.evaluate import job as evaluate
+    from pipeline.data.snapshot import SnapshotError
 
     t_start = time.perf_counter()
     runtime.init_ray(cfg.ray_address)
@@ -626,10 +628,10 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     storage.remove(staging)
     manifest = {
         "format": "reactdiff-predictions/1",
-        "contract": "pipeline/evaluate.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
+        "contract": "pipeline/evaluate/job.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
         "model": model.describe(), "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
         "steps": cfg.steps, "decoder_dropout": cfg.decoder_dropout,
-        "seeds": "item k uses pipeline.evaluate.item_seed(seed, k)",
+        "seeds": "item k uses pipeline.evaluate.job.item_seed(seed, k)",
         "items": len(todo), "items_in_split": len(snapshot.items(cfg.split)), "max_items": cfg.max_items,
         "skipped_items": skipped, "frames": model.seq_len,
         "files": [storage.redact(os.path.basename(f)) for f in files],

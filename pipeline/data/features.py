@@ -44,8 +44,8 @@ import numpy as np
 
 from pipeline import config as config_mod
 from pipeline import storage
-from pipeline.decode import CROP, Audio, fit_frames
-from pipeline.snapshot import FeatureSpec
+from pipeline.data.media import CROP, Audio, fit_frames
+from pipeline.data.snapshot import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -703,14 +703,14 @@ def feature_set_from_manifest(manifest: dict[str, Any], models: dict[str, str] |
                               ) -> tuple[FeatureSet, dict[str, Any]]:
     """The feature set a snapshot was extracted with, rebuilt from its manifest, and the job's
     policy ``{fps, frames, frame_tolerance, decode_chunk}`` (the keyword arguments of
-    ``pipeline.extract.extract_clip``), so a new clip gets the snapshot's numbers.
+    ``pipeline.data.extract.extract_clip``), so a new clip gets the snapshot's numbers.
 
     Network extractors use the model files the extraction recorded, unless ``models``
     (extractor name -> URI) names others. Nothing is resolved here (``Extractor.resolve`` reads
     model files): resolve the extractors you use, and compare their ``describe()`` with
     ``manifest["feature_set"]["resolved"]["extractors"]``.
     """
-    from pipeline.react import FPS
+    from pipeline.data.react import FPS
 
     recorded = manifest["feature_set"]
     extractors = recorded.get("config", {}).get("extractors", {})

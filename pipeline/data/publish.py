@@ -1,5 +1,5 @@
 """Publishing a snapshot, the extraction job's last step: ``finalize`` writes the quarantine, items,
-neighbours and mean face and returns the manifest, which ``pipeline.extract`` writes as
+neighbours and mean face and returns the manifest, which ``pipeline.data.extract`` writes as
 ``_manifest.json`` last (``_report.json`` instead when too many clips failed), so a snapshot
 without ``_manifest.json`` is never taken as complete. ``format_report`` formats the printed report.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.snapshot import FORMAT
+from pipeline.data.snapshot import FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def finalize(cfg, plan, dataset, splits, rows, summaries, features, fs_hash, bas
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import react
+    from pipeline.data import react
 
     uri = plan.snapshot_uri
     ok = {cid: s for cid, s in summaries.items() if s["status"] in ("ok", "carried")}

@@ -1,5 +1,5 @@
 """Behaviour models of the synthetic REACT data: per-frame latent trajectories of speakers and
-listeners (channels ``LATENT``), from which ``pipeline.synth`` renders faces, voices and labels.
+listeners (channels ``LATENT``), from which ``pipeline.data.synth`` renders faces, voices and labels.
 
 Two models, chosen with ``reactdiff synth --behaviour``:
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.react import FPS
+from pipeline.data.react import FPS
 
 LATENT = ("mouth", "smile", "brow", "frown", "eyes", "yaw", "pitch", "roll")
 MOUTH, SMILE, BROW, FROWN, EYES, YAW, PITCH, ROLL = range(len(LATENT))

@@ -2,7 +2,7 @@
 
     reactdiff synth --out DIR [--dyads 8,4,4] [--frames 751] [--seed 0] [--release 2024|2023]
                     [--behaviour prototype|backchannel]
-    pipeline.synth.generate(out, dyads=(8, 4, 4), frames=751, seed=0, release="2024")
+    pipeline.data.synth.generate(out, dyads=(8, 4, 4), frames=751, seed=0, release="2024")
 
 The real corpus is licensed, so the demo, tests and benchmarks run on this. How it is drawn:
 
@@ -11,7 +11,7 @@ The real corpus is licensed, so the demo, tests and benchmarks run on this. How 
   the 25-d emotion attributes, the face video (a face drawn with numpy masks, H.264 via PyAV)
   and the voice (harmonics + noise whose loudness follows the mouth) are all rendered from it.
 * The person in csv column 1 (NoXI Expert, RECOLA P25/P41/P45, UDIVA FC1) is the speaker, the
-  person in column 2 reacts. How both behave is a behaviour model of ``pipeline.behaviour``: by
+  person in column 2 reacts. How both behave is a behaviour model of ``pipeline.data.behaviour``: by
   default three speaker prototypes and listeners that react 5..15 frames later in one of three
   styles, so one speaker behaviour has several appropriate reactions; ``backchannel`` is a second,
   different model for checking that results do not depend on the first.
@@ -40,10 +40,10 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import storage
-from pipeline.behaviour import (BEHAVIOURS, BROW, EYES, FROWN, LATENT, LOOK as _LOOK, LABELS as _LABELS, MOUTH,
+from pipeline.data.behaviour import (BEHAVIOURS, BROW, EYES, FROWN, LATENT, LOOK as _LOOK, LABELS as _LABELS, MOUTH,
                                 PERSON as _PERSON, PITCH, PLAN as _PLAN, REACT as _REACT, ROLL, SMILE,
                                 VOICE as _VOICE, FACE_MODEL as _FACE_MODEL, YAW, rng as _rng)
-from pipeline.react import (ALL_NEIGHBOURS, AUDIO, DATA_INDICES, EMOTION, EMOTION_COLUMNS, FPS,
+from pipeline.data.react import (ALL_NEIGHBOURS, AUDIO, DATA_INDICES, EMOTION, EMOTION_COLUMNS, FPS,
                             MEAN_FACE, SAMPLE_RATE, SPLITS, TDMM, TDMM_DIM, VIDEO, emotion_clip_path,
                             neighbour_key, split_neighbours_file)
 
@@ -67,7 +67,7 @@ class SynthConfig:
     frames: int = 751
     seed: int = 0
     release: str = "2024"             # "2024" (mp4, Emotion P1/P2) | "2023" (PNG folders, UDIVA too)
-    behaviour: str = "prototype"      # behaviour model: prototype (demo) | backchannel (pipeline.behaviour)
+    behaviour: str = "prototype"      # behaviour model: prototype (demo) | backchannel (pipeline.data.behaviour)
     workers: int = 0                  # 0 = automatic
     overwrite: bool = False
 
@@ -612,7 +612,7 @@ def generate(out: str, dyads: tuple[int, int, int] | list[int] = (8, 4, 4), fram
 
     ``dyads`` = (train, val, test) dyad counts; each dyad is two person clips of ``frames`` frames.
     Re-running with the same parameters on a complete dataset does nothing (``skipped=True``).
-    ``behaviour`` picks the behaviour model (``pipeline.behaviour.BEHAVIOURS``).
+    ``behaviour`` picks the behaviour model (``pipeline.data.behaviour.BEHAVIOURS``).
     """
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; known: {', '.join(BEHAVIOURS)}")

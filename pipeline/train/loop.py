@@ -1,7 +1,7 @@
 """The training loop every Ray Train worker runs (``train_loop_per_worker``), with its helpers.
 
 Ray pickles ``train_loop_per_worker`` by reference, so it stays a top-level function of this
-module. It imports the configuration from pipeline.train_config, never the driver (pipeline.train),
+module. It imports the configuration from pipeline.train.config, never the driver (pipeline.train.job),
 so the graph has no cycle: train → train_loop → train_config, checkpoints.
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage, tracking
-from pipeline.checkpoints import restore_state, write_checkpoint
+from pipeline import storage
+from pipeline.registry import runs as tracking
+from pipeline.train.checkpoints import restore_state, write_checkpoint
 from pipeline.config import from_dict
-from pipeline.train_config import TrainConfig, TrainError
+from pipeline.train.config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class _RankZeroValidation:
     """Rank 0's small extras: REACT metrics on the first val items (stage 2) and sample plots."""
 
     def __init__(self, loop: dict, device):
-        from pipeline.snapshot import Snapshot
+        from pipeline.data.snapshot import Snapshot
 
         self.loop, self.device = loop, device
         self.vcfg = loop["config"]["validation"]
@@ -218,9 +219,9 @@ class _RankZeroValidation:
 
 
 def _react_metrics(pred, listener, speaker, neighbours) -> dict[str, float]:
-    """Official REACT metrics (pipeline.evaluate.score, same functions as evaluation) on a subset."""
+    """Official REACT metrics (pipeline.evaluate.job.score, same functions as evaluation) on a subset."""
     try:
-        from pipeline.evaluate import score
+        from pipeline.evaluate.job import score
 
         metrics, _ = score(pred, listener, speaker, neighbours, distributed=False)
     except ImportError as exc:       # the metrics module is optional at training time
@@ -254,7 +255,7 @@ def train_loop_per_worker(loop: dict) -> None:
     # -- model: a fresh generator (stage 1) or the frozen stage 1 + a fresh stage 2 -----------------
     gen = ReactDiffGenerator(GeneratorConfig.from_dict(gen_config))
     if state is None and stage == "diffusion":
-        from pipeline.registry import load_generator_file
+        from pipeline.registry.models import load_generator_file
 
         trained = load_generator_file(loop["autoencoder_uri"])
         own = gen.state_dict()

@@ -3,7 +3,7 @@
 The job reads top to bottom as the data flows, one person clip per row, streaming (a clip's
 751 frames are decoded 64 at a time and reduced to 224 crops at once; nothing holds a split):
 
-    clip manifest (pipeline.react)      driver: one small row per person clip
+    clip manifest (pipeline.data.react)      driver: one small row per person clip
     -> prepare        task per clip    fingerprint the source files (sizes + mtimes/ETags);
                                        unchanged since --incremental-from: copy its file over;
                                        else decode (decord / soundfile) and run the CPU
@@ -11,7 +11,7 @@ The job reads top to bottom as the data flows, one person clip per row, streamin
     -> facial networks   actor pool    TorchScript networks on the 224 crops (GPU if present)
     -> acoustic networks actor pool    wav2vec2 on 16 kHz audio (GPU if present)
     -> write          task per clip    one Parquet file per clip (float16 + zstd)
-    driver: quarantine, items, neighbours, mean face, then ``_manifest.json`` last (pipeline.publish)
+    driver: quarantine, items, neighbours, mean face, then ``_manifest.json`` last (pipeline.data.publish)
 
 Why one Parquet file per clip, written by our own task rather than ``Dataset.write_parquet``:
 file names are deterministic (``clips/<split>/<clip_id>.parquet``), so a retried task
@@ -41,14 +41,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import config as config_mod
-from pipeline import decode, storage
-from pipeline.decode import ClipError, audio_at, fit_frames, open_video, read_audio
-from pipeline.features import FeatureSet, load_feature_set
-from pipeline.publish import finalize, format_report
-from pipeline.snapshot import FORMAT, MANIFEST, Snapshot, SnapshotError, tensor_array
+from pipeline import storage
+from pipeline.data import media as decode
+from pipeline.data.media import ClipError, audio_at, fit_frames, open_video, read_audio
+from pipeline.data.features import FeatureSet, load_feature_set
+from pipeline.data.publish import finalize, format_report
+from pipeline.data.snapshot import FORMAT, MANIFEST, Snapshot, SnapshotError, tensor_array
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipeline import react
+    from pipeline.data import react
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +653,8 @@ def _base_rows(base: Snapshot | None, fs_hash: str, root: str) -> dict[str, dict
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction job; publishes ``<out>/<snapshot id>/`` unless too many clips failed."""
-    from pipeline import react, runtime
+    from pipeline import runtime
+    from pipeline.data import react
 
     started = time.time()
     t_plan = time.perf_counter()

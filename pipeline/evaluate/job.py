@@ -46,13 +46,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline import storage, tracking
+from pipeline import storage
+from pipeline.registry import runs as tracking
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
     from mlflow.entities.model_registry import ModelVersion
 
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.snapshot import Snapshot
     from reactdiff.generator import ReactDiffGenerator
 
 log = logging.getLogger(__name__)
@@ -367,13 +368,13 @@ class ReactionGenerator:
                  frames: int, threads: int | None = None, decoder_dropout: bool = False):
         import torch
 
-        from pipeline.snapshot import Snapshot
+        from pipeline.data.snapshot import Snapshot
 
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(generator, str):                 # a model URI: each actor loads it
-            from pipeline.registry import load_generator
+            from pipeline.registry.models import load_generator
 
             generator, _ = load_generator(generator, map_location=self.device)
         else:                                          # generator file bytes (weights only)
@@ -780,7 +781,7 @@ def open_snapshot(ref: str | None, version: "ModelVersion | None" = None) -> "Sn
     ``latest``), else the one the version was trained on (tags ``snapshot_uri``, ``snapshot``,
     ``snapshot_id``), else the newest complete snapshot in the workspace."""
     from pipeline.runtime import workspace
-    from pipeline.snapshot import Snapshot
+    from pipeline.data.snapshot import Snapshot
 
     tags = (version.tags or {}) if version is not None else {}
     ref = ref or tags.get("snapshot_uri") or tags.get("snapshot") or tags.get("snapshot_id") or "latest"
@@ -792,7 +793,7 @@ def open_snapshot(ref: str | None, version: "ModelVersion | None" = None) -> "Sn
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     """The ``reactdiff evaluate`` job: generate or read predictions, score, report, log."""
     from pipeline import runtime
-    from pipeline.registry import resolve_version
+    from pipeline.registry.models import resolve_version
 
     runtime.init_ray(cfg.ray_address)
     version = resolve_version(cfg.model) if cfg.model else None
@@ -809,7 +810,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
             predictions_uri=cfg.predictions, model_name=version.name if version else None,
             model_version=str(version.version) if version else None)
     else:
-        from pipeline.registry import load_generator
+        from pipeline.registry.models import load_generator
 
         generator, _ = load_generator(cfg.model)
         report = evaluate_generator(generator, snapshot, cfg.split, baselines=cfg.baselines,

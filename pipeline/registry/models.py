@@ -3,7 +3,7 @@
 One registered model (default ``reactdiff``) whose versions each hold a whole
 ``ReactDiffGenerator`` (stage 1 + stage 2 + latent statistics + conditioning projection +
 config + feature-set hash) as a pyfunc logged with *models from code*
-(``pipeline/mlflow_model.py``): the code is a plain Python file and the weights are the file
+(``pipeline/registry/pyfunc.py``): the code is a plain Python file and the weights are the file
 written by ``ReactDiffGenerator.save``, loaded with ``torch.load(weights_only=True)`` — nothing
 is ever unpickled. Aliases, not stages (deprecated since MLflow 2.9): ``challenger`` is the
 newest candidate, ``champion`` is what serves.
@@ -32,7 +32,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from pipeline import storage, tracking
+from pipeline import storage
+from pipeline.registry import runs as tracking
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities.model_registry import ModelVersion

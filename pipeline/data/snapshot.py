@@ -55,7 +55,7 @@ class FeatureSpec(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parquet representation (shared with the writer in pipeline/extract.py)
+# Parquet representation (shared with the writer in pipeline/data/extract.py)
 
 
 def tensor_array(values: np.ndarray):
@@ -294,10 +294,10 @@ class Snapshot:
         return {c: loaded[c] for c in clip_ids}
 
     def items(self, split: str):
-        """The split's directed items in the official order (pipeline.react.Item)."""
+        """The split's directed items in the official order (pipeline.data.react.Item)."""
         import pyarrow.parquet as pq
 
-        from pipeline.react import Item
+        from pipeline.data.react import Item
 
         self._check_split(split)
         fs, path = storage.arrow_filesystem(storage.join(self.uri, "items", f"{split}.parquet"))

@@ -399,7 +399,7 @@ EMOTION_DIMS_TO_PLOT = (15, 16, 17, 18, 19, 20)  # a few emotion columns (after 
 
 def _emotion_name(d: int) -> str:
     try:
-        from pipeline.react import EMOTION_COLUMNS
+        from pipeline.data.react import EMOTION_COLUMNS
 
         return str(EMOTION_COLUMNS[d])
     except (ImportError, IndexError):

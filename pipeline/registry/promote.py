@@ -37,8 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from pipeline import tracking
-from pipeline.evaluate import METRIC_DIRECTIONS, EvalOptions
+from pipeline.registry import runs as tracking
+from pipeline.evaluate.job import METRIC_DIRECTIONS, EvalOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -351,7 +351,7 @@ def _alias_version(c: "MlflowClient", name: str, alias: str) -> "ModelVersion | 
 
 def resolve_candidate(c: "MlflowClient", name: str, ref: str) -> "ModelVersion":
     """``ref`` is an alias (``challenger``), a version number (``3``) or ``models:/name/3|@alias``."""
-    from pipeline.registry import RegistryError, resolve_version
+    from pipeline.registry.models import RegistryError, resolve_version
 
     if ref.startswith("models:/"):
         version = resolve_version(ref)
@@ -381,17 +381,17 @@ Evaluator = Callable[["ModelVersion"], Mapping[str, float]]
 def default_evaluator(cfg: PromoteConfig, candidate: "ModelVersion") -> Evaluator:
     """Evaluate versions on the snapshot of ``cfg.features`` or the candidate's ``snapshot_uri`` tag."""
     from pipeline import runtime
-    from pipeline.evaluate import open_snapshot
+    from pipeline.evaluate.job import open_snapshot
 
     runtime.init_ray(cfg.ray_address)
     return registry_evaluator(cfg, open_snapshot(cfg.features, candidate))
 
 
 def registry_evaluator(cfg: PromoteConfig, snapshot) -> Evaluator:
-    """Evaluate a version with :func:`pipeline.evaluate.evaluate_generator`; metrics are cached in
-    a version tag per protocol (``pipeline.evaluate.evaluation_tag``), also by ``reactdiff evaluate``."""
-    from pipeline import evaluate as ev
-    from pipeline.registry import load_generator
+    """Evaluate a version with :func:`pipeline.evaluate.job.evaluate_generator`; metrics are cached in
+    a version tag per protocol (``pipeline.evaluate.job.evaluation_tag``), also by ``reactdiff evaluate``."""
+    from pipeline.evaluate import job as ev
+    from pipeline.registry.models import load_generator
 
     options = cfg.evaluation
 
@@ -488,7 +488,7 @@ def promote(cfg: PromoteConfig, *, evaluator: Evaluator | None = None,
     """Gate the candidate against the current champion and move the alias if it passes.
 
     ``evaluator(version) -> metrics`` is the seam for tests; by default each version is evaluated
-    with :func:`pipeline.evaluate.evaluate_generator` (cached per protocol in a version tag).
+    with :func:`pipeline.evaluate.job.evaluate_generator` (cached per protocol in a version tag).
     """
     c = tracking.client()
     if cfg.split == "test":

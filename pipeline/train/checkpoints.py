@@ -2,7 +2,7 @@
 
 ``<run_dir>/checkpoint_epochNNNN/`` holds ``checkpoint.pt`` (model, EMA, optimiser, epoch, step,
 history, MLflow run id, config, snapshot id) and ``meta.json`` (epoch, metrics, history — read
-without torch). Written by the workers (pipeline.train_loop), read back to resume
+without torch). Written by the workers (pipeline.train.loop), read back to resume
 (``restore_state``) and by the driver to export the best one (``export_checkpoint``).
 """
 
@@ -14,7 +14,7 @@ import os
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.train_config import TrainError
+from pipeline.train.config import TrainError
 
 log = logging.getLogger(__name__)
 

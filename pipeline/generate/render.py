@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipeline.react import EMOTION_COLUMNS, FPS
+from pipeline.data.react import EMOTION_COLUMNS, FPS
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def load_renderer(spec: str | None = None, *, size: int = 256) -> FaceRenderer:
         raise ValueError(f"cannot load renderer {spec!r}: {exc}") from None
     renderer = factory(size=size)
     if not isinstance(renderer, FaceRenderer):
-        raise ValueError(f"renderer {spec!r} has no size/render(emotion, tdmm) (see pipeline.render.FaceRenderer)")
+        raise ValueError(f"renderer {spec!r} has no size/render(emotion, tdmm) (see pipeline.generate.render.FaceRenderer)")
     return renderer
 
 
