@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # every feature-set hash, so incremental runs re-extract instead of mixing old and new values.
 FEATURES_VERSION = 1
 
-FEATURE_SET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "features"
+FEATURE_SET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "features"
 KINDS = ("facial", "acoustic", "label")
 
 

@@ -47,7 +47,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 ARTIFACT_KEY = "generator"                 # the pyfunc artifact holding the weights file
 GENERATOR_FILE = "generator.pt"
-MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
+MODEL_CODE = Path(__file__).resolve().parent / "pyfunc.py"
 MODEL_DESCRIPTION = ("ReactDiff facial-reaction generator: speaker audio-visual features -> "
                      "several listener reactions (25-d emotion + 58-d 3DMM per frame).")
 
