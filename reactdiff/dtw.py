@@ -9,6 +9,8 @@ numbers for many pairs at once:
   independent, so the inner loop is a long, unit-stride loop that LLVM vectorises (AVX-512 /
   AVX2). The three REACT groups are swept one after the other on one copy of the frames held
   in a per-thread scratch buffer.
+* ``closest_pairs``: FRDist's min over neighbours directly, with the same DTWs, abandoning
+  pairs that provably cannot be the minimum (exact, see ``_dtw_group``).
 * ``dtw_torch`` / ``dtw_pairs_torch``: the same anti-diagonal wavefront with torch tensor ops,
   batched over pairs; it runs on any torch device (GPU for large evaluations).
 
@@ -42,7 +44,13 @@ AU_END = 15  # dims [0, 15): action units
 VA_END = 17  # dims [15, 17): valence, arousal; [17, 25): expression probabilities
 REACT_GROUPS: tuple[tuple[int, int], ...] = ((0, AU_END), (AU_END, VA_END), (VA_END, NUM_DIMS))
 
+# FRDist weights of the three group DTWs (official FRD.py): 1/15, 1, 1/8.
+W_AU = 1 / 15
+W_EXPR = 1 / 8
+REACT_WEIGHTS = (W_AU, 1, W_EXPR)
+
 _INF = np.inf
+_CHECK_EVERY = 16  # anti-diagonals between early-abandoning checks (each costs two band scans)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -55,8 +63,8 @@ def _sweep_antidiagonal(xT, yR, acc, lo, hi, off, q_prev, q_prev2, q_new, group,
     from non-negative starts: numba's negative-index wraparound would turn the loads into
     gathers. One group per loop keeps LLVM's runtime alias checks (every store against every
     load row) few; the group's dimension range is a compile-time literal so the sum unrolls.
-    Frames are kept as float32, their official dtype (half the memory traffic, which bounds
-    this loop), and widened to float64 on load, which is exact: the arithmetic is tslearn's.
+    The frames arrive as float32 (the official dtype) and are held here already widened to
+    float64 (exact), so the loop does tslearn's float64 arithmetic without a conversion per load.
     """
     numba.literally(d_start)
     numba.literally(d_stop)
@@ -72,41 +80,46 @@ def _sweep_antidiagonal(xT, yR, acc, lo, hi, off, q_prev, q_prev2, q_new, group,
         # Local cost ||x_i - y_j||^2 over the group, summed in dimension order like tslearn.
         c = 0.0
         for d in range(d_start, d_stop):
-            v = np.float64(xT[d, i]) - np.float64(yR[d, k])
+            v = xT[d, i] - yR[d, k]
             c += v * v
         # up = R[i-1, j] and left = R[i, j-1] lie on diagonal s-1, diag = R[i-1, j-1] on s-2.
         new[i + one] = c + min(prev[i], prev[i + one], prev2[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _dtw_react_one(x, y, xT, yR, acc, out):
-    """DTW of x [T1, 25] vs y [T2, 25] on the three REACT groups into out[0:3] (float64)."""
-    T1 = x.shape[0]
-    T2 = y.shape[0]
-    for t in range(T1):
-        for d in range(NUM_DIMS):
-            xT[d, t] = x[t, d]
-    for t in range(T2):
-        for d in range(NUM_DIMS):
-            yR[d, T2 - 1 - t] = y[t, d]
-    # One group after the other: a group's DP depends only on itself, and the rows one group
-    # touches on consecutive diagonals stay in L1 (all 25 dims together do not fit).
-    _dtw_group(xT, yR, acc, 0, 0, AU_END, T1, T2)
-    _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2)
-    _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2)
-    q_last = (T1 + T2) % 3
-    for g in range(3):
-        out[g] = math.sqrt(acc[q_last, g, T1])
+def _band_min(row, lo, hi):
+    """min of row[lo + 1 : hi + 2]: the cells i in [lo, hi] of one stored anti-diagonal."""
+    m = _INF
+    for i in range(lo + 1, hi + 2):
+        if row[i] < m:
+            m = row[i]
+    return m
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2):
-    """Accumulated cost of one group over all anti-diagonals; R_g[T1-1, T2-1] ends in slot
-    (T1 + T2) % 3 at index T1."""
+def combine(d):
+    """FRDist's D from the three group DTWs d[0:3], in the official accumulation order
+    (``res = 0; res += w * dtw`` for AUs, valence/arousal, expressions; 1 * d == d exactly)."""
+    return (W_AU * d[0] + d[1]) + W_EXPR * d[2]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2, d, best):
+    """sqrt of the accumulated cost of one group over all anti-diagonals (tslearn's DTW), or
+    -1.0 once it is certain that ``combine(d)`` with this group's value exceeds ``best``.
+
+    Early abandoning is exact: every warping path crosses anti-diagonal s-1 or s, and along a
+    path R never decreases, in floating point too (fl(c + m) >= m for c >= 0; rounding is
+    monotonic), so the smallest R on two consecutive diagonals is <= the final R. ``combine``
+    and sqrt are monotonic in every argument, so with d holding exact values of finished groups
+    and 0 for the rest, ``combine`` of that bound > best proves this pair is not the minimum.
+    ``best`` = inf never abandons. R_g[T1-1, T2-1] ends in slot (T1 + T2) % 3 at index T1.
+    """
     numba.literally(d_start)
     numba.literally(d_stop)
     acc[:, group, :] = _INF
     acc[0, group, 0] = 0.0  # R[-1, -1] = 0, on the virtual diagonal s = -2 (slot 0)
+    check = best < _INF
     for s in range(T1 + T2 - 1):
         lo = max(0, s - T2 + 1)
         hi = min(s, T1 - 1)
@@ -117,6 +130,52 @@ def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2):
         acc[q_new, group, lo] = _INF
         if hi + 2 <= T1:
             acc[q_new, group, hi + 2] = _INF
+        if check and s % _CHECK_EVERY == _CHECK_EVERY - 1:
+            bound = min(_band_min(acc[q_new, group], lo, hi),
+                        _band_min(acc[(s + 1) % 3, group], max(0, s - T2), min(s - 1, T1 - 1)))
+            d[group] = math.sqrt(bound)
+            if combine(d) > best:
+                d[group] = 0.0
+                return -1.0
+    d[group] = 0.0
+    return math.sqrt(acc[(T1 + T2) % 3, group, T1])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _load(x, y, xT, yR):
+    """x [T1, 25] -> xT [25, T1] and y [T2, 25] -> yR [25, T2] reversed in time, float64."""
+    for t in range(x.shape[0]):
+        for dim in range(NUM_DIMS):
+            xT[dim, t] = x[t, dim]
+    T2 = y.shape[0]
+    for t in range(T2):
+        for dim in range(NUM_DIMS):
+            yR[dim, T2 - 1 - t] = y[t, dim]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dtw_react_groups(xT, yR, acc, T1, T2, d, best, out):
+    """The three REACT group DTWs of one loaded pair into out[0:3]; False if abandoned.
+
+    One group after the other: a group's DP depends only on itself, and the rows one group
+    touches on consecutive diagonals stay in L1 (all 25 dims together do not fit). The cheap
+    groups go first, so their exact values tighten the bound of the 15-dim AU sweep.
+    """
+    d[:] = 0.0
+    v = _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2, d, best)
+    if v < 0.0:
+        return False
+    d[1] = v
+    v = _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2, d, best)
+    if v < 0.0:
+        return False
+    d[2] = v
+    v = _dtw_group(xT, yR, acc, 0, 0, AU_END, T1, T2, d, best)
+    if v < 0.0:
+        return False
+    d[0] = v
+    out[0], out[1], out[2] = d[0], d[1], d[2]
+    return True
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -125,11 +184,75 @@ def _dtw_react_pairs(x, y, x_index, y_index, out, n_blocks):
     T2 = y.shape[1]
     n_pairs = x_index.shape[0]
     for b in prange(n_blocks):
-        xT = np.empty((NUM_DIMS, T1), dtype=np.float32)  # scratch reused by the block's pairs
-        yR = np.empty((NUM_DIMS, T2), dtype=np.float32)
+        xT = np.empty((NUM_DIMS, T1))  # scratch reused by the block's pairs
+        yR = np.empty((NUM_DIMS, T2))
         acc = np.empty((3, 3, T1 + 1))
+        d = np.zeros(3)
         for p in range(b * n_pairs // n_blocks, (b + 1) * n_pairs // n_blocks):
-            _dtw_react_one(x[x_index[p]], y[y_index[p]], xT, yR, acc, out[p])
+            _load(x[x_index[p]], y[y_index[p]], xT, yR)
+            _dtw_react_groups(xT, yR, acc, T1, T2, d, _INF, out[p])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _path_upper_bound(x, y, u):
+    """D along one warping path (the diagonal, then straight on), accumulated like the DP.
+
+    An upper bound on D, exactly in floating point: the DP's R at each cell of the path is
+    fl(c + min(...)) <= fl(c + R at the path's previous cell), and by induction <= this sum.
+    """
+    T1 = x.shape[0]
+    T2 = y.shape[0]
+    u[:] = 0.0
+    for t in range(max(T1, T2)):
+        i = min(t, T1 - 1)
+        j = min(t, T2 - 1)
+        for g in range(3):
+            start = 0 if g == 0 else (AU_END if g == 1 else VA_END)
+            stop = AU_END if g == 0 else (VA_END if g == 1 else NUM_DIMS)
+            c = 0.0
+            for dim in range(start, stop):
+                v = np.float64(x[i, dim]) - np.float64(y[j, dim])
+                c += v * v
+            u[g] = c + u[g]
+    for g in range(3):
+        u[g] = math.sqrt(u[g])
+    return combine(u)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _closest_react(x, y, x_index, y_index, starts, out, n_blocks):
+    T1 = x.shape[1]
+    T2 = y.shape[1]
+    n = x_index.shape[0]
+    width = 1
+    for c in range(n):
+        width = max(width, starts[c + 1] - starts[c])
+    for b in prange(n_blocks):
+        xT = np.empty((NUM_DIMS, T1))
+        yR = np.empty((NUM_DIMS, T2))
+        acc = np.empty((3, 3, T1 + 1))
+        d = np.zeros(3)
+        groups = np.empty(3)
+        upper = np.empty(width)
+        for c in range(b * n // n_blocks, (b + 1) * n // n_blocks):
+            xc = x[x_index[c]]
+            first, count = starts[c], starts[c + 1] - starts[c]
+            for m in range(count):
+                upper[m] = _path_upper_bound(xc, y[y_index[first + m]], groups)
+            # The most promising neighbour first: its exact D prunes the others soonest. The
+            # smallest bound already caps the minimum, so even the first sweep can abandon.
+            order = np.argsort(upper[:count])
+            best = upper[order[0]]
+            found = _INF
+            for m in order:
+                _load(xc, y[y_index[first + m]], xT, yR)
+                if _dtw_react_groups(xT, yR, acc, T1, T2, d, best, groups):
+                    value = combine(groups)
+                    found = min(found, value)
+                    best = min(best, value)
+            # The minimising neighbour is never abandoned (its bound <= D* <= best), so
+            # ``found`` is exactly the minimum over all of them.
+            out[c] = found
 
 
 @contextlib.contextmanager
@@ -146,6 +269,23 @@ def numba_threads(num_threads: int | None) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
+def _checked(x, y, x_index, y_index):
+    """Contiguous float32 frames (the official dtype: one compiled specialisation, unit-stride
+    frames) and int64 indices, validated."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if x.ndim != 3 or y.ndim != 3 or x.shape[2] != NUM_DIMS or y.shape[2] != NUM_DIMS:
+        raise ValueError(f"expected x [M, T1, {NUM_DIMS}] and y [M', T2, {NUM_DIMS}], got {x.shape}, {y.shape}")
+    x_index = np.ascontiguousarray(x_index, dtype=np.int64)
+    y_index = np.ascontiguousarray(y_index, dtype=np.int64)
+    if x_index.ndim != 1 or y_index.ndim != 1:
+        raise ValueError("x_index and y_index must be 1-d")
+    if (x_index.size and (x_index.min() < 0 or x_index.max() >= x.shape[0])) or \
+            (y_index.size and (y_index.min() < 0 or y_index.max() >= y.shape[0])):
+        raise IndexError("pair index out of range")
+    return x, y, x_index, y_index
+
+
 def dtw_pairs(
     x: np.ndarray,
     y: np.ndarray,
@@ -159,23 +299,46 @@ def dtw_pairs(
     x [M, T1, 25], y [M', T2, 25] (cast to float32 like the official ``astype(np.float32)``).
     Returns float64 [P, 3]: DTW on dims 0-14, 15-16 and 17-24 for each pair p.
     """
-    # Contiguous float32 (the official dtype): one compiled specialisation, unit-stride frames.
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    if x.ndim != 3 or y.ndim != 3 or x.shape[2] != NUM_DIMS or y.shape[2] != NUM_DIMS:
-        raise ValueError(f"expected x [M, T1, {NUM_DIMS}] and y [M', T2, {NUM_DIMS}], got {x.shape}, {y.shape}")
-    x_index = np.ascontiguousarray(x_index, dtype=np.int64)
-    y_index = np.ascontiguousarray(y_index, dtype=np.int64)
-    if x_index.shape != y_index.shape or x_index.ndim != 1:
+    x, y, x_index, y_index = _checked(x, y, x_index, y_index)
+    if x_index.shape != y_index.shape:
         raise ValueError("x_index and y_index must be 1-d and of equal length")
     out = np.empty((x_index.shape[0], 3), dtype=np.float64)
     if out.shape[0] == 0:
         return out
-    if x_index.min() < 0 or x_index.max() >= x.shape[0] or y_index.min() < 0 or y_index.max() >= y.shape[0]:
-        raise IndexError("pair index out of range")
     with numba_threads(num_threads):
         # A few blocks per thread balance the load; each block reuses its scratch buffers.
         _dtw_react_pairs(x, y, x_index, y_index, out, min(out.shape[0], 4 * numba.get_num_threads()))
+    return out
+
+
+def closest_pairs(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_index: Sequence[int] | np.ndarray,
+    y_index: Sequence[int] | np.ndarray,
+    starts: Sequence[int] | np.ndarray,
+    *,
+    num_threads: int | None = None,
+) -> np.ndarray:
+    """Per group c of pairs: min over p in [starts[c], starts[c+1]) of FRDist's D(x[x_index[c]], y[y_index[p]]).
+
+    D = (1/15) DTW(AUs) + DTW(valence, arousal) + (1/8) DTW(expressions), each DTW bit-identical
+    to ``dtw_pairs`` and the minimum bit-identical to taking it over all of them; but pairs that
+    provably cannot be the minimum are abandoned part-way (see ``_dtw_group``), the most
+    promising first (a warping path's cost bounds each D from above). Groups run in parallel on
+    numba threads. Returns float64 [C].
+    """
+    x, y, x_index, y_index = _checked(x, y, x_index, y_index)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    if starts.ndim != 1 or starts.size != x_index.size + 1 or starts[0] != 0 or starts[-1] != y_index.size \
+            or (np.diff(starts) < 1).any():
+        raise ValueError("starts must rise from 0 to len(y_index), one non-empty group per x_index entry")
+    out = np.empty(x_index.shape[0], dtype=np.float64)
+    if out.shape[0] == 0:
+        return out
+    with numba_threads(num_threads):
+        # Abandoning makes groups unequal in cost: many small blocks keep both cores busy.
+        _closest_react(x, y, x_index, y_index, starts, out, min(out.shape[0], 16 * numba.get_num_threads()))
     return out
 
 

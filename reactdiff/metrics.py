@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from reactdiff.dtw import AU_END, NUM_DIMS, dtw_pairs, dtw_pairs_torch, numba_threads
+from reactdiff.dtw import AU_END, NUM_DIMS, REACT_WEIGHTS, closest_pairs, dtw_pairs_torch, numba_threads
 
 METRIC_NAMES = ("FRCorr", "FRDist", "FRDiv", "FRVar", "FRDvs", "FRSyn")
 
 # FRDist = (1/15) DTW(AUs) + 1 DTW(valence, arousal) + (1/8) DTW(expressions), official FRD.py.
 # The weights are kept as the official Python literals (1 is an int there: 1 * d == d exactly).
-DTW_WEIGHTS = (1 / 15, 1, 1 / 8)
+DTW_WEIGHTS = REACT_WEIGHTS
 
 # FRSyn lags: range(-int(2 s * 25 fps - 1), int(2 s * 25 fps)) = -49..49 (official TLCC.py).
 MAX_LAG = 49
@@ -225,7 +225,8 @@ def frdist_rows(
 
     DTW with ``tslearn.metrics.dtw`` semantics on float32 inputs (``reactdiff.dtw``). Only the
     (item, sample, neighbour) pairs present in the matrix are computed, samples identical to an
-    item's sample 0 reuse its values. ``device`` None: numba on CPU (``num_threads`` caps its
+    item's sample 0 reuse its values, and on CPU a pair is abandoned once it provably cannot be
+    the minimum (``reactdiff.dtw.closest_pairs``; the value is unchanged, bit for bit). ``device`` None: numba on CPU (``num_threads`` caps its
     threads); otherwise the torch wavefront on that device. For distributed evaluation split the
     rows across tasks: FRDist is the mean of the concatenated per-row values, bit for bit.
     """
@@ -252,16 +253,17 @@ def frdist_rows(
     else:  # e.g. a broadcast baseline: gather only the samples that are computed
         samples = np.ascontiguousarray(pred[rows[row_pos], sample])
         sample_index = combo
-    if device is None:
-        groups = dtw_pairs(samples, listener, sample_index, listener_index, num_threads=num_threads)
+    combo_starts = np.cumsum(per_combo) - per_combo
+    if device is None:  # the minimum directly, pruning pairs that cannot be it (exact)
+        closest = closest_pairs(samples, listener, sample_index[combo_starts], listener_index,
+                                np.append(combo_starts, combo.size), num_threads=num_threads)
     else:
         groups = dtw_pairs_torch(samples, listener, sample_index, listener_index, device=device)
-
-    # Official accumulation: res = 0; res += w * dtw(...) for the groups in order.
-    distance = 0
-    for g, weight in enumerate(DTW_WEIGHTS):
-        distance = distance + weight * groups[:, g]
-    closest = np.minimum.reduceat(distance, np.cumsum(per_combo) - per_combo)
+        # Official accumulation: res = 0; res += w * dtw(...) for the groups in order.
+        distance = 0
+        for g, weight in enumerate(DTW_WEIGHTS):
+            distance = distance + weight * groups[:, g]
+        closest = np.minimum.reduceat(distance, combo_starts)
 
     best = np.empty((rows.size, n_samples), dtype=np.float64)
     best[row_pos, sample] = closest
