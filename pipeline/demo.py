@@ -18,29 +18,39 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import runtime, storage
+from pipeline.config import option
+from pipeline.data import extract, synth
+from pipeline.data.react import open_dataset
+from pipeline.evaluate import job as evaluate
+from pipeline.evaluate.scoring import EvalOptions
+from pipeline.generate import job as generate
+from pipeline.registry import promote
+from pipeline.train import job as train
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoConfig:
-    workdir: str | None = None            # default: $REACTDIFF_HOME or .reactdiff
-    dyads: list[int] = field(default_factory=lambda: [8, 4, 4])   # train, val, test dyads
-    frames: int = 751                     # REACT clip length
+    workdir: str | None = option(None, "working directory (default: $REACTDIFF_HOME or .reactdiff)",
+                                 flag="--workdir")
+    dyads: list[int] = option([8, 4, 4], "train, val, test dyads of the synthetic REACT dataset")
+    frames: int = option(751, "REACT clip length (25 fps)")
     seed: int = 0
-    num_workers: int = 2                  # Ray Train workers per stage
-    preset: str = "small-temporal"        # the improved variant (docs/model.md); "small" = the paper's design
+    num_workers: int = option(2, "Ray Train workers per stage")
+    preset: str = option("small-temporal", "the improved variant (docs/model.md); small = the paper's design "
+                                           "at CPU size")
     # Enough optimiser steps for the small preset to learn per-frame dynamics from 8 training
     # dyads (16 clips, 16 directed items) on 2 workers: 60 × 8 = 480 stage-1 steps and
     # 100 × 4 = 400 stage-2 steps. With 30 × 4 and 60 × 4 the decoded reactions stayed flat.
     stage1_epochs: int = 60
     stage2_epochs: int = 100
-    stage1_batch_size: int = 2            # clips per optimiser step (all workers together)
-    stage2_batch_size: int = 4            # directed items per optimiser step
-    checkpoint_every: int = 5             # epochs between checkpoints/validations (each costs ~1 s here)
-    samples: int = 10                     # reactions per item (official protocol: 10)
-    eval_split: str = "val"               # model selection and promotion never look at test
-    generate_split: str = "test"          # the new speaker whose reactions the demo draws
+    stage1_batch_size: int = option(2, "clips per optimiser step, all workers together")
+    stage2_batch_size: int = option(4, "directed items per optimiser step, all workers together")
+    checkpoint_every: int = option(5, "epochs between checkpoints and validations (each costs ~1 s here)")
+    samples: int = option(10, "reactions per item (the official protocol draws 10)")
+    eval_split: str = option("val", "model selection and promotion never look at test")
+    generate_split: str = option("test", "the new speaker whose reactions the demo draws")
     ray_address: str | None = None
 
 
@@ -49,14 +59,6 @@ def _banner(step: int, text: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from pipeline.evaluate import job as evaluate
-    from pipeline.data import extract
-    from pipeline.generate import job as generate
-    from pipeline.registry import promote
-    from pipeline.data import synth
-    from pipeline.train import job as train
-    from pipeline.data.react import open_dataset
-
     started = time.perf_counter()
     ws = runtime.workspace(cfg.workdir)
     runtime.init_ray(cfg.ray_address)
@@ -102,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     _banner(6, "gated promotion challenger → champion")
     promoted = timed("promote", promote.run_promotion, promote.PromoteConfig(
-        features=snapshot.uri, split=cfg.eval_split, evaluation=evaluate.EvalOptions(**options),
+        features=snapshot.uri, split=cfg.eval_split, evaluation=EvalOptions(**options),
         ray_address=cfg.ray_address))      # prints its decision
 
     speaker = open_dataset(data).clips(cfg.generate_split)[0]

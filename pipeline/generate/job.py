@@ -5,7 +5,7 @@ One clip (``reactdiff generate --speaker-video X.mp4``), read top to bottom as t
     model URI ─ registry ─ generator + version ─ version tag snapshot_uri ─ snapshot manifest
                                                    └─ the feature set the model was trained on
     speaker mp4 (+ wav) ─ checks (readable, face-sized, audio when the model hears)
-                        ─ pipeline.data.extract.extract_clip: decode_clip + the network stages (the
+                        ─ pipeline.data.clip.extract_clip: decode_clip + the network stages (the
                           extraction job's own code: the speaker gets exactly the features of training)
                         ─ generator.generate: K reactions [K, 750, 25] + [K, 750, 58]
                         ─ REACT files per sample: 25-column attributes csv, 751 x 58 3DMM npy
@@ -20,8 +20,8 @@ What the written files guarantee (the raw network output is unconstrained):
   have 751, so the 751st row repeats the 750th. ``generation.json`` says so, per run.
 
 A whole split (``reactdiff generate --features SNAPSHOT --split test``) runs the evaluation job's
-own Ray Data pipeline (``pipeline.evaluate.job.predictions_dataset``: its actor pool and per-item seeds
-``item_seed(seed, k)``) over the items evaluation scores (``available_items``: an item whose
+own Ray Data pipeline (``pipeline.evaluate.predictions.predictions_dataset``: its actor pool and
+per-item seeds ``protocol.item_seed(seed, k)``) over the items evaluation scores (``available_items``: an item whose
 speaker or listener clip was quarantined is skipped), and streams Parquet in the evaluation
 predictions contract, so ``reactdiff evaluate --predictions URI`` gives the numbers a direct
 evaluation would. Those predictions are the generator's raw output — what the metrics score —
@@ -42,14 +42,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import config as config_mod
-from pipeline import storage
-from pipeline.data import react
+from pipeline.config import option
+from pipeline.errors import UserError
+from pipeline import runtime, storage
+from pipeline.data import media, react
+from pipeline.data.features import Extractor, FeatureSet, feature_set_from_manifest
+from pipeline.data.media import ClipError, read_audio
+from pipeline.data.snapshot import Snapshot, SnapshotError
+from pipeline.evaluate.predictions import actor_pool, predictions_dataset
+from pipeline.evaluate.protocol import available_items, item_seed, model_features
+from pipeline.generate import render
+from pipeline.registry.models import RegistryError, load_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities.model_registry import ModelVersion
 
-    from pipeline.data.features import Extractor, FeatureSet
-    from pipeline.data.snapshot import Snapshot
     from reactdiff.generator import ReactDiffGenerator
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,7 @@ AU, VALENCE_AROUSAL, EXPRESSION = slice(0, 15), slice(15, 17), slice(17, 25)
 PREDICTIONS_MANIFEST = "_predictions.json"   # '_' prefix: Parquet dataset readers skip it
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """Something the user can fix: the message names the file or option and what to do."""
 
 
@@ -71,34 +78,55 @@ class GenerationError(RuntimeError):
 class GenerateConfig:
     """``reactdiff generate`` settings (jobs/configs/generate.yaml; every key can be ``--set``)."""
 
-    model: str = "models:/reactdiff@champion"   # registry alias/version, runs:/…, or a generator file
-    out: str | None = None                      # folder (local or s3://); default <workdir>/outputs/…
-    samples: int = 10                           # reactions per speaker (official protocol: 10)
-    seed: int = 0                               # one clip: the generator seed; a split: base of item_seed
-    steps: int | None = None                    # DDIM steps (None: the generator's schedule)
-    decoder_dropout: bool = False               # sample with the frozen decoder's dropout on (reference)
-    features: str | None = None                 # snapshot URI/id whose feature set the model uses
-                                                # (default: the version's snapshot_uri tag)
-    # one speaker clip
-    speaker_video: str | None = None
-    speaker_audio: str | None = None            # default: the video's own audio stream
-    speaker_attributes: str | None = None       # Emotion csv: plotted above the reactions
-    speaker_3dmm: str | None = None             # 3D_FV npy: used only by models that consume it
-    binarize: bool = False                      # AU columns of the csv files as 0/1
-    plot: bool = True
-    video: bool = True
-    video_sample: int = 0                       # which reaction drives the face in the video
-    renderer: str = "cartoon"                   # or "package.module:Factory" (a FaceVerse renderer)
-    face_size: int = 256                        # pixels of each half of the video
-    feature_models: dict[str, str] = field(default_factory=dict)   # extractor name -> model URI
-    # a whole split
-    split: str | None = None
-    max_items: int | None = None
-    batch_size: int = 8                         # items per actor call
-    actors: int | None = None                   # generation actors (None: one per GPU, else ≤ 2)
-    device: str = "auto"                        # one clip on a cluster: auto (a GPU task when the
-                                                # cluster has GPUs), cuda (always), cpu (in the driver)
-    ray_address: str | None = None
+    model: str = option("models:/reactdiff@champion", "models:/reactdiff@champion, models:/reactdiff/3, "
+                        "runs:/..., or a generator file", flag="--model", metavar="MODEL_URI")
+    out: str | None = option(None, "output folder, local or s3:// (default: <workdir>/outputs/generate-<time>)",
+                             flag="--out", metavar="DIR")
+    samples: int = option(10, "reactions per speaker", flag="--samples")
+    seed: int = option(0, "one clip: the generator seed; with --split, item k uses "
+                          "pipeline.evaluate.job.item_seed(seed, k)", flag="--seed")
+    steps: int | None = option(None, "DDIM steps (default: the generator's schedule)", flag="--steps")
+    decoder_dropout: bool = option(False, "sample with the frozen decoder's dropout on, as the reference does "
+                                          "(more diverse, less faithful)", flag="--decoder-dropout")
+    features: str | None = option(None, "feature snapshot URI or id: the model's feature set (one clip) or the "
+                                        "split's features (--split); default: the model version's snapshot_uri "
+                                        "tag", flag="--features", metavar="SNAPSHOT")
+    speaker_video: str | None = option(None, "the speaker's face video (mp4), local or s3://; at least 64x64 px, "
+                                             "25 fps, as long as the model's window (30 s)", flag="--speaker-video",
+                                       group="one speaker clip", metavar="FILE")
+    speaker_audio: str | None = option(None, "the speaker's audio (wav); default: the video's own audio stream",
+                                       flag="--speaker-audio", group="one speaker clip", metavar="FILE")
+    speaker_attributes: str | None = option(None, "the speaker's 25-column REACT attributes, drawn above the "
+                                                  "reactions in the plot", flag="--speaker-attributes",
+                                            group="one speaker clip", metavar="CSV")
+    speaker_3dmm: str | None = option(None, "the speaker's 58-d 3DMM (T x 58); only models that consume it need "
+                                            "it", flag="--speaker-3dmm", group="one speaker clip", metavar="NPY")
+    binarize: bool = option(False, "write the 15 AU columns as 0/1 (threshold 0.5) instead of scores in [0, 1]",
+                            flag="--binarize", group="one speaker clip")
+    plot: bool = option(True, "skip reactions.png (plot=false)", flag="--no-plot", group="one speaker clip",
+                        action="store_false")
+    video: bool = option(True, "skip the reaction_<k>.mp4 videos, speaker | animated face (video=false)",
+                         flag="--no-video", group="one speaker clip", action="store_false")
+    video_sample: int = option(0, "which reaction drives the face in the video", flag="--video-sample",
+                               group="one speaker clip", metavar="K")
+    renderer: str = option("cartoon", "face renderer: 'cartoon' (built-in 2D face) or a factory taking size= and "
+                                      "returning an object with render(emotion, tdmm) -> frames (e.g. FaceVerse)",
+                           flag="--renderer", group="one speaker clip", metavar="MODULE:FACTORY")
+    face_size: int = option(256, "pixels of each half of the video")
+    feature_models: dict[str, str] = option({}, "model file of a network extractor (as for `reactdiff extract "
+                                                 "--model`), repeatable", flag="--feature-model", group="one speaker clip",
+                                            metavar="NAME=URI")
+    split: str | None = option(None, "generate for every directed item of this snapshot split", flag="--split",
+                               group="a whole split (Ray Data)", choices=["train", "val", "test"])
+    max_items: int | None = option(None, "only the first N items (smoke runs)", flag="--max-items",
+                                   group="a whole split (Ray Data)")
+    batch_size: int = option(8, "items per actor call", flag="--batch-size", group="a whole split (Ray Data)")
+    actors: int | None = option(None, "generation actors (default: one per GPU, else up to 2)", flag="--actors",
+                                group="a whole split (Ray Data)")
+    device: str = option("auto", "one clip on a cluster: auto = a Ray task on a GPU worker when the cluster has "
+                                 "GPUs; cuda = always (an autoscaler adds one); cpu = in the driver")
+    ray_address: str | None = option(None, "Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray "
+                                           "on 127.0.0.1)", flag="--ray-address", group="a whole split (Ray Data)")
 
     def validate(self) -> None:
         err = config_mod.ConfigError
@@ -140,8 +168,6 @@ class LoadedModel:
     @property
     def inputs(self) -> dict[str, int]:
         """The named per-frame speaker features the generator consumes (column -> width)."""
-        from pipeline.evaluate.job import model_features
-
         return model_features(self.generator)
 
     @property
@@ -167,10 +193,6 @@ def load_model(model_uri: str, features: str | None = None, *, device: str = "cp
     Snapshot: ``features`` (URI or id under the workspace), else the version's ``snapshot_uri``
     tag (set by ``register_generator``), else the generator file's own metadata.
     """
-    from pipeline.registry.models import RegistryError, load_generator
-    from pipeline.runtime import workspace
-    from pipeline.data.snapshot import Snapshot, SnapshotError
-
     try:
         generator, version = load_generator(model_uri, map_location=device)
     except RegistryError as exc:
@@ -182,7 +204,7 @@ def load_model(model_uri: str, features: str | None = None, *, device: str = "cp
     snapshot = None
     if ref:
         try:
-            snapshot = Snapshot.resolve(ref, workspace().snapshots)
+            snapshot = Snapshot.resolve(ref, runtime.workspace().snapshots)
         except SnapshotError as exc:
             raise GenerationError(f"the feature snapshot of {model_uri} cannot be opened: {exc}. "
                                   "Pass --features SNAPSHOT_URI (the snapshot the model was trained on)") from None
@@ -199,13 +221,11 @@ def speaker_feature_set(model: LoadedModel, models: dict[str, str] | None = None
     Each rebuilt extractor must describe itself exactly as in the manifest (type, options,
     width, dtype, model sha256), so a new clip gets the numbers the model was trained on.
     """
-    from pipeline.data.features import FeatureSet, feature_set_from_manifest
-
     if model.snapshot is None:
         raise GenerationError(f"cannot tell which features {model.uri} consumes: it has no snapshot_uri tag. "
                               "Pass --features SNAPSHOT_URI (the snapshot it was trained on)")
-    recorded = model.snapshot.manifest["feature_set"]
-    extractors = recorded.get("config", {}).get("extractors", {})
+    recorded = model.snapshot.manifest.feature_set
+    extractors = recorded.config.get("extractors", {})
     # Model files: --feature-model overrides, else the URIs the extraction recorded.
     stray = sorted(set(models or {}) - set(extractors))
     if stray:
@@ -222,7 +242,7 @@ def speaker_feature_set(model: LoadedModel, models: dict[str, str] | None = None
         raise GenerationError(f"{model.uri} consumes {missing}, which snapshot {model.snapshot.id}'s feature set "
                               f"does not produce ({', '.join(by_column)}); pass --features with the model's snapshot")
     needed: list[Extractor] = [by_column[c] for c in model.inputs]
-    resolved = recorded.get("resolved", {}).get("extractors", {})
+    resolved = recorded.resolved.get("extractors", {})
     for e in needed:
         try:
             e.resolve()
@@ -261,8 +281,8 @@ class SpeakerClip:
         import av
 
         try:
-            frames, fps, (h, w) = react.mp4_info(self.video)
-        except react.ReactLayoutError as exc:
+            frames, fps, (h, w) = media.mp4_info(self.video)
+        except media.ClipError as exc:
             raise GenerationError(f"speaker video {exc.uri}: {exc.reason} — pass a readable video file "
                                   "(mp4, H.264) of the speaker's face") from None
         if min(h, w) < MIN_FACE_PIXELS:
@@ -290,11 +310,11 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
                     device: str = "cpu", video_info: tuple | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The speaker's features {column: float32 [T, D]}, computed by the extraction job's code.
 
-    Uses ``pipeline.data.extract.extract_clip`` (``decode_clip`` with the CPU extractors, then the
+    Uses ``pipeline.data.clip.extract_clip`` (``decode_clip`` with the CPU extractors, then the
     job's network stages for TorchScript/wav2vec2 extractors) — the very code that built the
     snapshot. ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
     """
-    from pipeline.data import extract
+    from pipeline.data import clip as clip_features
     from pipeline.data.media import ClipError
 
     frames, fps, (h, w), has_audio = video_info or speaker.check_video()
@@ -317,7 +337,7 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
                       video=speaker.video, video_format="mp4", audio=info["audio"],
                       emotion=speaker.attributes, tdmm=speaker.tdmm)
     try:
-        out = extract.extract_clip(clip, feature_set, **policy, device=device)
+        out = clip_features.extract_clip(clip, feature_set, **policy, device=device)
     except ClipError as exc:
         hint = (" (pass --speaker-audio FILE.wav)" if exc.stage == "decode_audio" else
                 " (re-encode it, e.g. ffmpeg -i in.mp4 -r 25 out.mp4)" if "fps" in exc.reason else "")
@@ -405,9 +425,6 @@ class ClipResult:
 def generate_clip(cfg: GenerateConfig) -> ClipResult:
     """Features of one speaker clip → K reactions → REACT files, plot and video under ``cfg.out``."""
     import torch
-
-    from pipeline.generate import render
-    from pipeline.data.media import ClipError, read_audio
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -526,9 +543,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
 
 
 def _workspace_outputs() -> str:
-    from pipeline.runtime import workspace
-
-    return workspace().outputs
+    return runtime.workspace().outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,8 +561,6 @@ class SplitResult:
 
 def _with_ids(batch: dict[str, np.ndarray], pairs: dict[int, tuple[str, str]], seed: int) -> dict[str, np.ndarray]:
     """Add speaker, listener and the item's seed next to ``item`` and ``emotion``."""
-    from pipeline.evaluate.job import item_seed
-
     items = [int(i) for i in batch["item"]]
     batch["speaker"] = np.asarray([pairs[i][0] for i in items], dtype=object)
     batch["listener"] = np.asarray([pairs[i][1] for i in items], dtype=object)
@@ -561,10 +574,6 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     Written to a staging folder, then swapped in (old part files removed) and
     ``_predictions.json`` written last: a re-run replaces, never appends duplicate items.
     """
-    from pipeline import runtime
-    from pipeline.evaluate import job as evaluate
-    from pipeline.data.snapshot import SnapshotError
-
     t_start = time.perf_counter()
     runtime.init_ray(cfg.ray_address)
     model = load_model(cfg.model, cfg.features)      # one registry resolution: alias -> version
@@ -584,7 +593,7 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
             raise GenerationError(f"snapshot {snapshot.id}: items/{cfg.split} row {k} has index {item.index}")
     if cfg.max_items is not None:
         items = items[:cfg.max_items]
-    available = set(evaluate.available_items(snapshot, cfg.split, items))   # as evaluation
+    available = set(available_items(snapshot, cfg.split, items))   # as evaluation
     skipped = [int(i.index) for k, i in enumerate(items) if k not in available]
     if skipped:
         log.warning("%d item(s) skipped: their speaker or listener clip was quarantined in %s (first: %s)",
@@ -595,15 +604,15 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
 
     out = cfg.out or storage.join(_workspace_outputs(), f"predictions-{cfg.split}-{snapshot.id}")
     staging = storage.join(out, f"_staging-{uuid.uuid4().hex[:8]}")
-    size = evaluate.actor_pool(cfg.actors, len(todo), cfg.batch_size)[0]
+    size = actor_pool(cfg.actors, len(todo), cfg.batch_size)[0]
     log.info("generating %d reactions for %d items of %s/%s on %d actor(s) -> %s", cfg.samples, len(todo),
              snapshot.id, cfg.split, size, storage.redact(out))
     t0 = time.perf_counter()
     # The evaluation job's own pipeline: same actor pool, seeds (item_seed) and per-item generator
     # calls; the generator travels as its weights-only file bytes (never a pickled module).
-    ds = evaluate.predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
-                                      steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
-                                      frames=model.seq_len, decoder_dropout=cfg.decoder_dropout)
+    ds = predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
+                             steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
+                             frames=model.seq_len, decoder_dropout=cfg.decoder_dropout)
     ds = ds.map_batches(_with_ids, batch_format="numpy",
                         fn_kwargs={"pairs": {int(i.index): (i.speaker, i.listener) for i in todo},
                                    "seed": cfg.seed})
@@ -628,10 +637,10 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     storage.remove(staging)
     manifest = {
         "format": "reactdiff-predictions/1",
-        "contract": "pipeline/evaluate/job.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
+        "contract": "pipeline/evaluate/predictions.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
         "model": model.describe(), "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
         "steps": cfg.steps, "decoder_dropout": cfg.decoder_dropout,
-        "seeds": "item k uses pipeline.evaluate.job.item_seed(seed, k)",
+        "seeds": "item k uses pipeline.evaluate.protocol.item_seed(seed, k)",
         "items": len(todo), "items_in_split": len(snapshot.items(cfg.split)), "max_items": cfg.max_items,
         "skipped_items": skipped, "frames": model.seq_len,
         "files": [storage.redact(os.path.basename(f)) for f in files],
@@ -659,8 +668,6 @@ def _clip_wants_a_gpu_task(cfg: GenerateConfig) -> bool:
     if cfg.device == "cpu" or torch.cuda.is_available() or not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         return False
     import ray
-
-    from pipeline import runtime
 
     runtime.init_ray(cfg.ray_address)
     return cfg.device == "cuda" or ray.cluster_resources().get("GPU", 0) >= 1

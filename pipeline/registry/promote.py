@@ -37,8 +37,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from pipeline import runtime, storage
+from pipeline.config import ConfigError, from_dict, option
+from pipeline.errors import UserError
+from pipeline.evaluate import records, scoring
+from pipeline.evaluate.protocol import METRIC_DIRECTIONS
+from pipeline.evaluate.scoring import EvalOptions
 from pipeline.registry import runs as tracking
-from pipeline.evaluate.job import METRIC_DIRECTIONS, EvalOptions
+from pipeline.registry.models import RegistryError, load_generator, resolve_version
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -76,8 +82,6 @@ class MetricGate:
 
     def validate(self) -> None:
         if self.min_relative_change is not None and self.min_relative_change < 0:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"min_relative_change must be >= 0, got {self.min_relative_change}")
 
 
@@ -88,23 +92,26 @@ def default_gate() -> dict[str, MetricGate]:
 
 @dataclass
 class PromoteConfig:
-    name: str = "reactdiff"                 # registered model
-    candidate: str = "challenger"           # alias or version number
-    champion: str = "champion"              # the serving alias that moves
-    features: str | None = None             # snapshot URI; default: the candidate's tag, else latest
-    split: str = "val"
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-    gate: dict[str, MetricGate] = field(default_factory=default_gate)
-    reuse_evaluations: bool = True          # reuse a version's cached metrics for the same protocol
-    lock_ttl_s: float = 300.0               # a crashed promoter's lock expires after this
-    lock_wait_s: float = 600.0              # how long to wait for another promotion to finish
-    max_attempts: int = 3                   # re-evaluations when the champion moves meanwhile
-    out: str | None = None                  # optional JSON record of the decision
-    ray_address: str | None = None
+    name: str = option("reactdiff", "registered model", flag="--name")
+    candidate: str = option("challenger", "alias or version number to promote", flag="--candidate")
+    champion: str = option("champion", "the serving alias to move", flag="--champion")
+    features: str | None = option(None, "feature snapshot URI (default: the candidate's snapshot_uri tag, else "
+                                        "the newest)", flag="--features", metavar="SNAPSHOT")
+    split: str = option("val", "split to compare on (never select models on test)", flag="--split",
+                        choices=["val", "test", "train"])
+    evaluation: EvalOptions = field(default_factory=EvalOptions)   # the same seeds for both: a paired comparison
+    gate: dict[str, MetricGate] = field(default_factory=default_gate)   # --gate FILE replaces it (module doc)
+    reuse_evaluations: bool = option(True, "re-evaluate even if a version has metrics cached for this protocol "
+                                           "in a version tag (reuse_evaluations=false)", flag="--no-cache",
+                                     action="store_false")
+    lock_ttl_s: float = option(300.0, "a crashed promoter's lock expires after this")
+    lock_wait_s: float = option(600.0, "how long to wait for a concurrent promotion to finish")
+    max_attempts: int = option(3, "re-comparisons when the champion moves during evaluation")
+    out: str | None = option(None, "write the decision as JSON", flag="--out", metavar="FILE")
+    ray_address: str | None = option(None, "Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray "
+                                           "on 127.0.0.1)", flag="--ray-address")
 
     def validate(self) -> None:
-        from pipeline.config import ConfigError
-
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"split must be train, val or test, got {self.split!r}")
         if not self.gate:
@@ -121,8 +128,6 @@ class PromoteConfig:
 def parse_gate(data: Mapping[str, Any]) -> dict[str, MetricGate]:
     """A gate YAML mapping (``{FRCorr: {min_absolute_change: 0.0}, ...}``, optionally under a
     top-level ``gate:`` key) → typed rules. A gate file replaces the whole default gate."""
-    from pipeline.config import ConfigError, from_dict
-
     if "gate" in data and isinstance(data["gate"], Mapping):
         data = data["gate"]
     gate = {}
@@ -215,8 +220,10 @@ def apply_gate(gate: Mapping[str, MetricGate], candidate: Mapping[str, float],
 # The promotion lock
 # ---------------------------------------------------------------------------------------------
 
-class LockBusy(RuntimeError):
+class LockBusy(UserError, RuntimeError):
     """Another promotion holds the lock (the message names it and when its lease ends)."""
+
+    exit_code = EXIT_BUSY
 
 
 class PromotionLock:
@@ -351,8 +358,6 @@ def _alias_version(c: "MlflowClient", name: str, alias: str) -> "ModelVersion | 
 
 def resolve_candidate(c: "MlflowClient", name: str, ref: str) -> "ModelVersion":
     """``ref`` is an alias (``challenger``), a version number (``3``) or ``models:/name/3|@alias``."""
-    from pipeline.registry.models import RegistryError, resolve_version
-
     if ref.startswith("models:/"):
         version = resolve_version(ref)
         if version is None:
@@ -380,23 +385,18 @@ Evaluator = Callable[["ModelVersion"], Mapping[str, float]]
 
 def default_evaluator(cfg: PromoteConfig, candidate: "ModelVersion") -> Evaluator:
     """Evaluate versions on the snapshot of ``cfg.features`` or the candidate's ``snapshot_uri`` tag."""
-    from pipeline import runtime
-    from pipeline.evaluate.job import open_snapshot
-
     runtime.init_ray(cfg.ray_address)
-    return registry_evaluator(cfg, open_snapshot(cfg.features, candidate))
+    return registry_evaluator(cfg, scoring.open_snapshot(cfg.features, candidate))
 
 
 def registry_evaluator(cfg: PromoteConfig, snapshot) -> Evaluator:
-    """Evaluate a version with :func:`pipeline.evaluate.job.evaluate_generator`; metrics are cached in
-    a version tag per protocol (``pipeline.evaluate.job.evaluation_tag``), also by ``reactdiff evaluate``."""
-    from pipeline.evaluate import job as ev
-    from pipeline.registry.models import load_generator
-
+    """Evaluate a version with :func:`pipeline.evaluate.scoring.evaluate_generator`; metrics are cached
+    in a version tag per protocol (``pipeline.evaluate.records.evaluation_tag``), also by
+    ``reactdiff evaluate``."""
     options = cfg.evaluation
 
     def run(version: "ModelVersion") -> Mapping[str, float]:
-        cached = ev.cached_evaluation(version, cfg.split, snapshot.id, options) if cfg.reuse_evaluations else None
+        cached = records.cached_evaluation(version, cfg.split, snapshot.id, options) if cfg.reuse_evaluations else None
         if cached is not None:
             log.info("%s v%s: reusing cached %s metrics", version.name, version.version, cfg.split)
             return cached
@@ -404,10 +404,10 @@ def registry_evaluator(cfg: PromoteConfig, snapshot) -> Evaluator:
         log.info("evaluating %s on %s/%s (%d samples, seed %d)", uri, snapshot.id, cfg.split,
                  options.samples, options.seed)
         generator, _ = load_generator(uri)
-        report = ev.evaluate_generator(generator, snapshot, cfg.split, baselines=(), model_uri=uri,
-                                       model_version=version, **dataclasses.asdict(options))
-        ev.log_report(report, version=version)
-        ev.record_evaluation(version, report, options)
+        report = scoring.evaluate_generator(generator, snapshot, cfg.split, options, baselines=(), model_uri=uri,
+                                            model_version=version)
+        records.log_report(report, version=version)
+        records.record_evaluation(version, report, options)
         return report.metrics
 
     return run
@@ -437,8 +437,10 @@ class PromotionResult:
         return dataclasses.asdict(self) | {"exit_code": self.exit_code}
 
 
-class PromotionConflict(RuntimeError):
+class PromotionConflict(UserError, RuntimeError):
     """The champion moved during every attempt (other promotions kept winning)."""
+
+    exit_code = EXIT_BUSY
 
 
 def _metrics_json(m: Mapping[str, float] | None) -> str:
@@ -488,7 +490,7 @@ def promote(cfg: PromoteConfig, *, evaluator: Evaluator | None = None,
     """Gate the candidate against the current champion and move the alias if it passes.
 
     ``evaluator(version) -> metrics`` is the seam for tests; by default each version is evaluated
-    with :func:`pipeline.evaluate.job.evaluate_generator` (cached per protocol in a version tag).
+    with :func:`pipeline.evaluate.scoring.evaluate_generator` (cached per protocol in a version tag).
     """
     c = tracking.client()
     if cfg.split == "test":
@@ -554,8 +556,6 @@ def _noop(cfg: PromoteConfig, candidate: "ModelVersion") -> PromotionResult:
 
 def run_promotion(cfg: PromoteConfig) -> PromotionResult:
     """The job: promote, print the decision, optionally write it as JSON."""
-    from pipeline import storage
-
     result = promote(cfg)
     print(format_result(result))
     if cfg.out:

@@ -21,6 +21,8 @@ from datetime import timedelta
 
 from ray.train.torch import TorchConfig
 
+from pipeline.runtime import is_local_address
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -46,8 +48,6 @@ def loopback_interface() -> str:
 
 def _node_is_local() -> bool:
     import ray
-
-    from pipeline.runtime import is_local_address
 
     return is_local_address(ray.util.get_node_ip_address())
 

@@ -83,14 +83,6 @@ def generator_from_state(state: dict[str, Any], *, ema: bool = True):
     return gen
 
 
-def generator_from_checkpoint(checkpoint, *, ema: bool = True):
-    """A ``ray.train.Checkpoint`` or a local checkpoint directory → ReactDiffGenerator."""
-    if hasattr(checkpoint, "as_directory"):      # (a Checkpoint is os.PathLike but refuses fspath)
-        with checkpoint.as_directory() as d:
-            return generator_from_state(read_checkpoint(d), ema=ema)
-    return generator_from_state(read_checkpoint(os.fspath(checkpoint)), ema=ema)
-
-
 def _checkpoint_dirs(run_dir: str) -> list[str]:
     return sorted(n for n in storage.listdir(run_dir) if n.startswith("checkpoint_epoch"))
 

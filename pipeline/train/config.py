@@ -2,99 +2,115 @@
 
 A module of its own so that the driver (pipeline.train.job), the workers (pipeline.train.loop) and
 the checkpoint / latent-pair helpers import it without importing each other; ``pipeline.train.job``
-re-exports these classes.
+re-exports these classes. ``WorkerPlan`` is what crosses the Ray Train boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipeline.config import ConfigError, option
 from pipeline.registry import runs as tracking
-from pipeline.config import ConfigError
+from reactdiff.training import TrainSettings
+from pipeline.errors import UserError
 
 STAGES = ("autoencoder", "diffusion")
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start or finish; the message says what to change."""
 
 
-@dataclass
-class StageSettings:
-    """Optimisation of one stage; ``None`` = the generator preset's value (reference settings)."""
+def _overrides_of(settings: type, name: str, **defaults: Any) -> type:
+    """Dataclass ``name`` with every field of dataclass ``settings`` (same help), each optional and
+    None (= keep the preset's value) unless ``defaults`` gives it another default."""
+    hints = typing.get_type_hints(settings)
+    cls = dataclasses.make_dataclass(name, [
+        (f.name, hints[f.name] | None, dataclasses.field(default=defaults.get(f.name), metadata=f.metadata))
+        for f in dataclasses.fields(settings)])
+    cls.__module__ = __name__            # pickled by reference, like a class written here
+    return cls
 
-    epochs: int | None = None
-    batch_size: int | None = None        # clips (stage 1) / directed items (stage 2) per optimiser step, all workers together
-    lr: float | None = None
-    weight_decay: float | None = None
-    ema_decay: float | None = None
-    grad_clip: float | None = 1.0        # max global grad norm; null = no clipping (reference)
+
+# A stage's section of train.yaml: overrides of the generator preset's TrainSettings (the
+# reference settings), ``TrainSettings.with_overrides`` applies them. Derived from TrainSettings
+# so that a setting is declared once; gradient clipping is this pipeline's one different default.
+StageSettings = _overrides_of(TrainSettings, "StageSettings", grad_clip=1.0)
 
 
 @dataclass
 class ScalingSettings:
-    num_workers: int = 2
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None   # default: 1 CPU (+ 1 GPU with use_gpu)
+    num_workers: int = option(2, "Ray Train workers", flag="--num-workers")
+    use_gpu: bool = option(False, "one GPU per worker", flag="--gpu")
+    resources_per_worker: dict[str, float] | None = option(None, "default: {CPU: 1} (+ {GPU: 1} with use_gpu)")
 
 
 @dataclass
 class CheckpointSettings:
-    every: int = 1                       # epochs between checkpoints (the last epoch always is one)
-    num_to_keep: int | None = 2
-    metric: str | None = "val/loss"      # score of the "best" checkpoint, which is exported; null = latest
-    mode: Literal["min", "max"] = "min"
+    every: int = option(1, "epochs between checkpoints (the last epoch always is one)")
+    num_to_keep: int | None = option(2, "checkpoints kept")
+    metric: str | None = option("val/loss", "the best checkpoint by this metric is exported (null: the latest)")
+    mode: Literal["min", "max"] = option("min", "whether the best metric is the min or the max")
 
 
 @dataclass
 class ValidationSettings:
-    every: int = 1                       # epochs between validations (checkpoint epochs always validate)
-    react_metrics: bool = True           # stage 2: REACT metrics on the first val items (rank 0)
-    max_items: int = 8
-    samples: int = 2
-    steps: int | None = None             # sampler steps for those metrics (null = all)
-    plot_every: int = 5                  # sample-reaction plot every N checkpoints (+ the last epoch)
+    every: int = option(1, "epochs between validations, always on val (checkpoint epochs always validate)")
+    react_metrics: bool = option(True, "stage 2: FRCorr, FRDist, ... on the first max_items val items (rank 0)")
+    max_items: int = option(8, "val items of those metrics")
+    samples: int = option(2, "reactions per item of those metrics")
+    steps: int | None = option(None, "sampler steps for those metrics (null = all)")
+    plot_every: int = option(5, "sample-reaction plot every N checkpoints (+ the last epoch)")
 
 
 @dataclass
 class DataSettings:
-    prefetch_batches: int = 2
-    shuffle_buffer: int = 16             # rows in the local shuffle buffer of each worker (0 = off)
-    encode_batch_size: int = 8           # stage 2: items per latent-encoding batch
-    encode_actors: int = 0               # stage 2: encoding actors (0 = num_workers)
+    prefetch_batches: int = option(2, "batches each worker prefetches")
+    shuffle_buffer: int = option(16, "rows in the local shuffle buffer of each worker (0 = off)")
+    encode_batch_size: int = option(8, "stage 2: items per latent-encoding batch")
+    encode_actors: int = option(0, "stage 2: latent-encoding actors (0 = scaling.num_workers)")
 
 
 @dataclass
 class MLflowSettings:
-    tracking_uri: str | None = None      # null: $MLFLOW_TRACKING_URI, else the workspace sqlite
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    register: bool = True                # stage 2: register the generator
-    model_name: str = "reactdiff"
-    alias: str = "challenger"
+    tracking_uri: str | None = option(None, "null: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
+    experiment: str = option(tracking.DEFAULT_EXPERIMENT, "MLflow experiment of the training runs")
+    register: bool = option(True, "stage 2: register the generator as a new version of model_name with alias")
+    model_name: str = option("reactdiff", "registered model")
+    alias: str = option("challenger", "alias the new version gets")
 
 
 @dataclass
 class DebugSettings:
-    fail_at_epoch: int | None = None     # rank ``fail_rank`` raises once at the start of this epoch
-    fail_rank: int = 1
+    fail_at_epoch: int | None = option(None, "tests: rank fail_rank raises once at the start of this epoch")
+    fail_rank: int = option(1, "tests: the rank that fails")
 
 
 @dataclass
 class TrainConfig:
-    stage: Literal["autoencoder", "diffusion"] = "autoencoder"
-    features: str = "latest"             # snapshot URI, id under the workspace snapshots, or "latest"
-    preset: str = "small"                # generator preset (reactdiff.presets)
-    model: dict[str, Any] = field(default_factory=dict)   # build_generator overrides, e.g. {seq_len: 100}
-    autoencoder: str | None = None       # stage 2: stage-1 file/URI or MLflow run id; null = newest for the snapshot
-    name: str | None = None              # Ray Train run name = MLflow run name; same name = resume
-    storage_path: str | None = None      # local or s3://; null = the workspace checkpoints
-    seed: int = 6
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
-    max_failures: int = 2
-    ray_address: str | None = None
+    stage: Literal["autoencoder", "diffusion"] = option(
+        "autoencoder", "autoencoder = stage 1 (MMT), diffusion = stage 2", flag="--stage")
+    features: str = option("latest", "feature snapshot: URI, id under <workdir>/snapshots, or 'latest'",
+                           flag="--features", metavar="SNAPSHOT")
+    preset: str = option("small", "generator preset (reactdiff.presets.PRESETS)",
+                         flag="--preset")
+    model: dict[str, Any] = option({}, "build_generator overrides, e.g. {seq_len: 100}; stage 2: "
+                                       "denoiser/diffusion options only")
+    autoencoder: str | None = option(None, "stage 2: stage-1 autoencoder.pt URI or MLflow run id (default: the "
+                                           "newest for the snapshot)", flag="--autoencoder", metavar="URI")
+    name: str | None = option(None, "run name (Ray Train = MLflow); the same name resumes that run "
+                                    "(default: derived)", flag="--name")
+    storage_path: str | None = option(None, "checkpoint storage: local path or s3://bucket/prefix "
+                                            "(default: <workdir>/checkpoints)", flag="--storage", metavar="URI")
+    seed: int = option(6, "seed of torch, numpy and the data order")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    max_failures: int = option(2, "worker-group restarts from the last checkpoint before giving up")
+    ray_address: str | None = option(None, "Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray "
+                                           "on 127.0.0.1)", flag="--ray-address")
     stage1: StageSettings = field(default_factory=StageSettings)
     stage2: StageSettings = field(default_factory=StageSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -126,14 +142,48 @@ class TrainConfig:
         return self.stage1 if self.stage == "autoencoder" else self.stage2
 
 
-def resolved_settings(cfg: TrainConfig, generator_config) -> dict[str, Any]:
-    """The stage's TrainSettings: preset values overridden by the non-null config values."""
+def resolved_settings(cfg: TrainConfig, generator_config) -> TrainSettings:
+    """The stage's TrainSettings: the preset's, overridden by the non-null config values."""
     preset = generator_config.stage1 if cfg.stage == "autoencoder" else generator_config.stage2
-    out = dataclasses.asdict(preset)
-    out["betas"] = list(out["betas"])
-    out["grad_clip"] = cfg.settings.grad_clip
-    for key in ("epochs", "batch_size", "lr", "weight_decay", "ema_decay"):
-        value = getattr(cfg.settings, key)
-        if value is not None:
-            out[key] = value
-    return out
+    try:
+        return preset.with_overrides(dataclasses.asdict(cfg.settings))
+    except ValueError as exc:
+        raise ConfigError(f"{'stage1' if cfg.stage == 'autoencoder' else 'stage2'}: {exc}") from None
+
+
+@dataclass
+class ValSubset:
+    """The first val items, for rank 0's REACT metrics and plots (official order)."""
+
+    speakers: list[str]
+    listeners: list[str]
+    neighbours: list[list[int]]          # their appropriateness matrix [N, N]
+
+
+@dataclass
+class WorkerPlan:
+    """What the driver hands every Ray Train worker: ``train_loop_config={"plan": plan}``.
+
+    Plain values and dataclasses only (Ray pickles it to each worker); everything the worker
+    needs besides its dataset shards and the checkpoint it resumes from.
+    """
+
+    config: TrainConfig                  # the run's config (name set)
+    settings: TrainSettings              # the stage's optimisation: preset + overrides
+    generator_config: dict[str, Any]     # GeneratorConfig.to_dict() of the model a fresh run builds
+    batch_size: int                      # rows per worker and optimiser step
+    precision: Literal["fp32", "bf16"]
+    run_dir: str                         # <storage_path>/<name>
+    mlflow_run_id: str
+    tracking_uri: str
+    snapshot_uri: str
+    snapshot_id: str
+    autoencoder_uri: str | None          # stage 2: the frozen stage-1 file
+    metadata: dict[str, Any]             # copied onto the generator (snapshot, feature set, run)
+    mean_face: list[float] | None        # stage 1: the snapshot's mean 3DMM face
+    loss_keys: list[str]                 # validation losses all ranks reduce
+    val_subset: ValSubset | None
+
+    @property
+    def stage(self) -> str:
+        return self.config.stage

@@ -61,12 +61,16 @@ import numpy as np
 import yaml
 
 from pipeline import storage
-from pipeline.registry import runs as tracking
-from pipeline.train.checkpoints import checkpoint_metas, export_checkpoint, generator_from_state, previous_meta
 from pipeline.config import flatten, to_dict
-from pipeline.train.latent_pairs import pairs_dataset, prepare_latent_pairs
+from pipeline.data.snapshot import Snapshot, SnapshotError
+from pipeline.registry import runs as tracking
+from pipeline.registry.models import load_generator_file, register_generator
+from pipeline.runtime import init_ray, workspace
+from pipeline.train.checkpoints import checkpoint_metas, export_checkpoint, generator_from_state, previous_meta
 from pipeline.train.config import (CheckpointSettings, DataSettings, DebugSettings, MLflowSettings, ScalingSettings,
-                                   StageSettings, TrainConfig, TrainError, ValidationSettings, resolved_settings)
+                                   StageSettings, TrainConfig, TrainError, ValidationSettings, ValSubset,
+                                   WorkerPlan, resolved_settings)
+from pipeline.train.latent_pairs import pairs_dataset, prepare_latent_pairs
 # train_loop takes its config from train_config and never imports this module: no import cycle.
 from pipeline.train.loop import train_loop_per_worker
 
@@ -158,9 +162,6 @@ def _sharding_config():
 # ---------------------------------------------------------------------------------------------
 
 def _open_snapshot(ref: str):
-    from pipeline.runtime import workspace
-    from pipeline.data.snapshot import Snapshot, SnapshotError
-
     try:
         return Snapshot.resolve(ref, root=workspace().snapshots)
     except SnapshotError as exc:
@@ -206,8 +207,6 @@ def _generator_config(cfg: TrainConfig, snapshot, autoencoder_uri: str | None):
             raise TrainError(f"snapshot {snapshot.id} lacks the model inputs {missing} "
                              f"(it has {', '.join(snapshot.features)})")
         return gc
-    from pipeline.registry.models import load_generator_file
-
     trained = load_generator_file(autoencoder_uri)
     if not trained.latent_stats.ready:
         raise TrainError(f"autoencoder {autoencoder_uri} has no latent statistics: it is not a finished stage-1 "
@@ -219,7 +218,7 @@ def _generator_config(cfg: TrainConfig, snapshot, autoencoder_uri: str | None):
     return trained.config.with_overrides(**cfg.model) if cfg.model else trained.config
 
 
-def _val_subset(snapshot, max_items: int) -> dict[str, Any] | None:
+def _val_subset(snapshot, max_items: int) -> ValSubset | None:
     if max_items <= 0 or "val" not in snapshot.splits:
         return None
     items = snapshot.items("val")[:max_items]
@@ -230,8 +229,8 @@ def _val_subset(snapshot, max_items: int) -> dict[str, Any] | None:
     except Exception as exc:            # no neighbour matrix: each item is its only appropriate one
         log.warning("val neighbour matrix unavailable (%s): REACT metrics use the identity", exc)
         neighbours = np.eye(len(items), dtype=np.uint8)
-    return {"speakers": [i.speaker for i in items], "listeners": [i.listener for i in items],
-            "neighbours": neighbours.astype(np.uint8).tolist()}
+    return ValSubset(speakers=[i.speaker for i in items], listeners=[i.listener for i in items],
+                     neighbours=neighbours.astype(np.uint8).tolist())
 
 
 def default_name(cfg: TrainConfig, snapshot, autoencoder_tags: dict[str, str], autoencoder_uri: str | None) -> str:
@@ -279,8 +278,6 @@ def _refresh_listings(uri: str) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one stage end to end on Ray (driver side); returns where everything went."""
-    from pipeline.runtime import init_ray
-
     init_ray(cfg.ray_address)
     with tracking.using(cfg.mlflow.tracking_uri) as uri:
         return _train(cfg, uri)
@@ -308,7 +305,7 @@ def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: 
     return datasets, n_train, ["loss", f"{'eps' if d.prediction == 'epsilon' else 'x0'}_{d.loss}"]
 
 
-def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> None:
+def _fit(cfg: TrainConfig, plan: WorkerPlan, datasets: dict, storage_path: str) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -317,7 +314,7 @@ def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> Non
     fs, path = (storage.arrow_filesystem(storage_path) if storage.is_remote(storage_path)
                 else (None, storage_path))
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop, scaling_config=_scaling(cfg),
+        train_loop_per_worker, train_loop_config={"plan": plan}, scaling_config=_scaling(cfg),
         torch_config=LoopbackTorchConfig(),     # DDP store/gloo on 127.0.0.1 when Ray is local
         run_config=RunConfig(
             name=cfg.name, storage_path=path, storage_filesystem=fs,
@@ -334,8 +331,6 @@ def _fit(cfg: TrainConfig, loop: dict, datasets: dict, storage_path: str) -> Non
 
 
 def _train(cfg: TrainConfig, uri: str) -> TrainResult:
-    from pipeline.runtime import workspace
-
     snapshot = _open_snapshot(cfg.features)
     for split in ("train", "val"):       # model selection uses val, never test
         if split not in snapshot.splits or not snapshot.clip_ids(split):
@@ -363,7 +358,7 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
         raise TrainError(f"run {name} was trained from autoencoder {previous.get('autoencoder_uri')}, not "
                          f"{autoencoder_uri}; resume with --set autoencoder={previous.get('autoencoder_uri')} "
                          "or start a new run with --set name=…")
-    done = bool(previous) and int(previous["epoch"]) >= int(settings["epochs"])
+    done = bool(previous) and int(previous["epoch"]) >= settings.epochs
 
     # -- MLflow run: created once per Ray run, reopened on every resume -------------------------------
     tags = {f"{TAG}stage": cfg.stage, f"{TAG}preset": cfg.preset, f"{TAG}run_name": name,
@@ -372,7 +367,7 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
             f"{TAG}run_dir": run_dir, f"{TAG}autoencoder_uri": autoencoder_uri,
             f"{TAG}num_workers": world, f"{TAG}precision": precision}
     params = flatten(to_dict(cfg))
-    params.update({f"resolved.{k}": v for k, v in settings.items()})
+    params.update({f"resolved.{k}": v for k, v in settings.to_dict().items()})
     tracking.ensure_experiment(cfg.mlflow.experiment, uri)
     run_id = previous.get("mlflow_run_id") if previous else None
     if run_id:
@@ -384,7 +379,7 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
                                      params=params, uri=uri)
     tracking.log_snapshot_input(run_id, snapshot.uri, snapshot.id, snapshot.feature_set_hash,
                                 columns=list(gen_config.mmt.inputs) + list(LABELS), uri=uri)
-    tracking.client(uri).log_text(run_id, yaml.safe_dump({"train": to_dict(cfg), "resolved": settings,
+    tracking.client(uri).log_text(run_id, yaml.safe_dump({"train": to_dict(cfg), "resolved": settings.to_dict(),
                                                           "generator": gen_config.to_dict()}, sort_keys=False),
                                   "config.yaml")
     metadata = {"snapshot_id": snapshot.id, "feature_set_hash": snapshot.feature_set_hash,
@@ -393,18 +388,18 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
     try:
         if not done:
             datasets, n_train, loss_keys = _datasets(cfg, snapshot, gen_config, autoencoder_uri, run_dir)
-            batch_size = worker_batch_size(int(settings["batch_size"]), world, n_train)
+            batch_size = worker_batch_size(settings.batch_size, world, n_train)
             mean_face = snapshot.mean_face()
-            loop = {"config": to_dict(cfg), "settings": settings, "generator_config": gen_config.to_dict(),
-                    "batch_size": batch_size, "precision": precision, "run_dir": run_dir, "mlflow_run_id": run_id,
-                    "tracking_uri": uri, "snapshot_uri": snapshot.uri, "snapshot_id": snapshot.id,
-                    "autoencoder_uri": autoencoder_uri, "metadata": metadata, "stage": cfg.stage,
-                    "mean_face": None if mean_face is None else mean_face.tolist(), "loss_keys": loss_keys,
-                    "val_subset": _val_subset(snapshot, cfg.validation.max_items)}
+            plan = WorkerPlan(
+                config=cfg, settings=settings, generator_config=gen_config.to_dict(), batch_size=batch_size,
+                precision=precision, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=uri,
+                snapshot_uri=snapshot.uri, snapshot_id=snapshot.id, autoencoder_uri=autoencoder_uri,
+                metadata=metadata, mean_face=None if mean_face is None else mean_face.tolist(),
+                loss_keys=loss_keys, val_subset=_val_subset(snapshot, cfg.validation.max_items))
             log.info("training %s: %s stage, %d worker(s), %d epochs, batch %d (%d/worker), storage %s, MLflow %s",
-                     name, cfg.stage, world, settings["epochs"], batch_size * world, batch_size,
+                     name, cfg.stage, world, settings.epochs, batch_size * world, batch_size,
                      storage.redact(run_dir), uri)
-            _fit(cfg, loop, datasets, storage_path)
+            _fit(cfg, plan, datasets, storage_path)
         _refresh_listings(run_dir)
         return _finish(cfg, snapshot, run_dir, run_id, uri, metadata, autoencoder_uri)
     except BaseException:
@@ -434,8 +429,6 @@ def _finish(cfg: TrainConfig, snapshot, run_dir: str, run_id: str, uri: str, met
             generator.save(local)
             c.log_artifact(run_id, local, cfg.stage)
         if cfg.stage == "diffusion" and cfg.mlflow.register:
-            from pipeline.registry.models import register_generator
-
             mv = register_generator(generator, name=cfg.mlflow.model_name, run_id=run_id, snapshot=snapshot,
                                     alias=cfg.mlflow.alias,
                                     tags={"stage1_uri": autoencoder_uri, "checkpoint": checkpoint_uri,

@@ -15,6 +15,8 @@ import time
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.snapshot import Snapshot
+from pipeline.registry.models import load_generator_file
 from pipeline.train.config import TrainError
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,6 @@ class LatentPairEncoder:
 
     def __init__(self, snapshot_uri: str, autoencoder_uri: str, batch_size: int):
         import torch
-
-        from pipeline.registry.models import load_generator_file
-        from pipeline.data.snapshot import Snapshot
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

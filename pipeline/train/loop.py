@@ -1,13 +1,13 @@
 """The training loop every Ray Train worker runs (``train_loop_per_worker``), with its helpers.
 
 Ray pickles ``train_loop_per_worker`` by reference, so it stays a top-level function of this
-module. It imports the configuration from pipeline.train.config, never the driver (pipeline.train.job),
-so the graph has no cycle: train → train_loop → train_config, checkpoints.
+module. Its one input is the driver's ``WorkerPlan`` (``train_loop_config={"plan": plan}``). It
+imports the configuration from pipeline.train.config, never the driver (pipeline.train.job), so
+the graph has no cycle: job → loop → config, checkpoints.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import tempfile
@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.evaluate import protocol
 from pipeline.registry import runs as tracking
+from pipeline.config import to_dict
+from pipeline.data.snapshot import Snapshot
+from pipeline.registry.models import load_generator_file
 from pipeline.train.checkpoints import restore_state, write_checkpoint
-from pipeline.config import from_dict
-from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.config import TrainConfig, TrainError, WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +71,13 @@ def _maybe_inject_failure(cfg: TrainConfig, run_dir: str, epoch: int, rank: int,
     raise RuntimeError(f"injected failure (debug.fail_at_epoch={epoch}) on rank {rank}")
 
 
-def _train_epoch(model, gen, optimizer, ema, params, shard, ts: dict, loop: dict, device, bf16: bool):
+def _train_epoch(model, gen, optimizer, ema, params, shard, plan: WorkerPlan, world: int, device, bf16: bool):
     import torch
 
-    cfg = loop["config"]
-    it = iter(shard.iter_torch_batches(batch_size=loop["batch_size"], drop_last=True,
-                                       prefetch_batches=cfg["data"]["prefetch_batches"],
-                                       local_shuffle_buffer_size=cfg["data"]["shuffle_buffer"] or None))
+    data, grad_clip = plan.config.data, plan.settings.grad_clip
+    it = iter(shard.iter_torch_batches(batch_size=plan.batch_size, drop_last=True,
+                                       prefetch_batches=data.prefetch_batches,
+                                       local_shuffle_buffer_size=data.shuffle_buffer or None))
     gen.train()
     sums: dict[str, Any] = {}
     items = steps = 0
@@ -94,8 +97,8 @@ def _train_epoch(model, gen, optimizer, ema, params, shard, ts: dict, loop: dict
             loss, parts = model(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if ts["grad_clip"]:
-            norm = torch.nn.utils.clip_grad_norm_(params, ts["grad_clip"])
+        if grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float() * n
         optimizer.step()
         ema.update(gen)
@@ -107,7 +110,7 @@ def _train_epoch(model, gen, optimizer, ema, params, shard, ts: dict, loop: dict
     local = {k: float(v) for k, v in sums.items()}
     red = _all_reduce({**local, "_items": items, "_steps": steps, "_wait": wait, "_first": first,
                        "_elapsed": elapsed}, device)
-    world = max(1, loop["world_size"])
+    world = max(1, world)
     total = max(1.0, red["_items"])
     out = {f"train/{k}": red[k] / total for k in local}
     out.update({"train/items": red["_items"], "train/steps": red["_steps"] / world,
@@ -120,29 +123,29 @@ def _train_epoch(model, gen, optimizer, ema, params, shard, ts: dict, loop: dict
     return out
 
 
-def _validate(model, gen, shard, loop: dict, device, epoch: int) -> dict[str, float]:
+def _validate(model, gen, shard, plan: WorkerPlan, rank: int, device) -> dict[str, float]:
     import torch
 
     gen.eval()
     sums: dict[str, float] = {}
     items = 0
-    rng = torch.Generator(device=device).manual_seed(loop["config"]["seed"] * 1000 + loop["rank"])
+    rng = torch.Generator(device=device).manual_seed(plan.config.seed * 1000 + rank)
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=loop["batch_size"],
-                                              prefetch_batches=loop["config"]["data"]["prefetch_batches"]):
+        for batch in shard.iter_torch_batches(batch_size=plan.batch_size,
+                                              prefetch_batches=plan.config.data.prefetch_batches):
             n = next(iter(batch.values())).shape[0]
             loss, parts = model.module(batch, generator=rng) if hasattr(model, "module") else model(batch, generator=rng)
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             items += n
-    red = _all_reduce({**{k: sums.get(k, 0.0) for k in loop["loss_keys"]}, "_items": items}, device)
+    red = _all_reduce({**{k: sums.get(k, 0.0) for k in plan.loss_keys}, "_items": items}, device)
     gen.train()
     if red["_items"] == 0:
         return {}
-    return {f"val/{k}": red[k] / red["_items"] for k in loop["loss_keys"]}
+    return {f"val/{k}": red[k] / red["_items"] for k in plan.loss_keys}
 
 
-def _latent_statistics(gen, shard, loop: dict, device) -> int:
+def _latent_statistics(gen, shard, batch_size: int, device) -> int:
     """Per-frame min/max of the train latents: each worker its shard, then all-reduce MIN/MAX."""
     import torch
     import torch.distributed as dist
@@ -150,7 +153,7 @@ def _latent_statistics(gen, shard, loop: dict, device) -> int:
     gen.eval()
     gen.latent_stats.reset()
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=loop["batch_size"]):
+        for batch in shard.iter_torch_batches(batch_size=batch_size):
             gen.update_statistics({n: batch[n].float() for n in gen.feature_widths})
     stats = gen.latent_stats
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -164,19 +167,16 @@ def _latent_statistics(gen, shard, loop: dict, device) -> int:
 class _RankZeroValidation:
     """Rank 0's small extras: REACT metrics on the first val items (stage 2) and sample plots."""
 
-    def __init__(self, loop: dict, device):
-        from pipeline.data.snapshot import Snapshot
-
-        self.loop, self.device = loop, device
-        self.vcfg = loop["config"]["validation"]
-        self.snapshot = Snapshot.open(loop["snapshot_uri"])
-        self.subset = loop.get("val_subset")
+    def __init__(self, plan: WorkerPlan, device):
+        self.plan, self.device = plan, device
+        self.snapshot = Snapshot.open(plan.snapshot_uri)
+        self.subset = plan.val_subset
         self._data = None
 
     def _load(self, widths):
         if self._data is None:
             s = self.subset
-            ids = sorted(set(s["speakers"]) | set(s["listeners"]))
+            ids = sorted(set(s.speakers) | set(s.listeners))
             clips = self.snapshot.load_clips(ids, list(widths) + ["emotion"])
             self._data = clips
         return self._data
@@ -188,28 +188,28 @@ class _RankZeroValidation:
             return {}, None
         seq_len = gen.config.seq_len
         clips = self._load(gen.feature_widths)
-        s = self.subset
-        speakers, listeners = s["speakers"], s["listeners"]
+        s, validation, stage = self.subset, self.plan.config.validation, self.plan.stage
+        speakers, listeners = s.speakers, s.listeners
         gen.eval()
         with torch.no_grad():
             feats = {n: torch.from_numpy(np.stack([clips[k][n][:seq_len] for k in speakers])).to(self.device)
                      for n in gen.feature_widths}
-            if self.loop["stage"] == "autoencoder":
+            if stage == "autoencoder":
                 emotion, _ = gen.decode(gen.encode(feats))
                 pred = emotion[:, None].float().cpu().numpy()
             else:
-                pred = gen.generate(feats, num_samples=self.vcfg["samples"], seed=self.loop["config"]["seed"],
-                                    steps=self.vcfg["steps"]).emotion.float().cpu().numpy()
+                pred = gen.generate(feats, num_samples=validation.samples, seed=self.plan.config.seed,
+                                    steps=validation.steps).emotion.float().cpu().numpy()
         gen.train()
         listener = np.stack([clips[k]["emotion"][:seq_len] for k in listeners])
         speaker = np.stack([clips[k]["emotion"][:seq_len] for k in speakers])
         metrics: dict[str, float] = {}
-        if self.loop["stage"] == "diffusion" and self.vcfg["react_metrics"]:
-            metrics = _react_metrics(pred, listener, speaker, np.asarray(s["neighbours"]))
+        if stage == "diffusion" and validation.react_metrics:
+            metrics = _react_metrics(pred, listener, speaker, np.asarray(s.neighbours))
         fig = None
         if plot:
             first = speakers[0]
-            if self.loop["stage"] == "autoencoder":
+            if stage == "autoencoder":
                 fig = tracking.reaction_figure(pred[0], speaker[0], labels=("reconstructed", "real", ""),
                                                title=f"stage 1 reconstruction, val clip {first}, epoch {epoch}")
             else:
@@ -219,66 +219,57 @@ class _RankZeroValidation:
 
 
 def _react_metrics(pred, listener, speaker, neighbours) -> dict[str, float]:
-    """Official REACT metrics (pipeline.evaluate.job.score, same functions as evaluation) on a subset."""
-    try:
-        from pipeline.evaluate.job import score
-
-        metrics, _ = score(pred, listener, speaker, neighbours, distributed=False)
-    except ImportError as exc:       # the metrics module is optional at training time
-        log.warning("REACT metrics unavailable (%s); validation reports losses only", exc)
-        return {}
+    """Official REACT metrics (``protocol.score``, the evaluation's own scoring) on a subset."""
+    metrics, _ = protocol.score(pred, listener, speaker, neighbours)
     return {f"val/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-def train_loop_per_worker(loop: dict) -> None:
+def train_loop_per_worker(train_loop_config: dict) -> None:
     """Ray Train V2 worker: build/restore, train epochs, validate, checkpoint, report, log (rank 0)."""
     import ray.train
     import ray.train.torch
     import torch
 
     from reactdiff.generator import GeneratorConfig, ReactDiffGenerator
-    from reactdiff.training import EMA, TrainSettings, make_optimizer
+    from reactdiff.training import EMA, make_optimizer
 
-    cfg = from_dict(TrainConfig, loop["config"])
+    plan: WorkerPlan = train_loop_config["plan"]
+    cfg, settings = plan.config, plan.settings
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loop = {**loop, "rank": rank, "world_size": world}
     device = ray.train.torch.get_device()
-    bf16 = loop["precision"] == "bf16" and device.type == "cuda"
+    bf16 = plan.precision == "bf16" and device.type == "cuda"
     torch.manual_seed(cfg.seed)      # identical initialisation on every rank (DDP also broadcasts)
-    stage, ts = cfg.stage, loop["settings"]
+    stage = cfg.stage
 
     # -- resume state (read first: a resumed run keeps the model it was built with) ---------------
-    state = restore_state(ray.train.get_checkpoint(), loop["run_dir"])
-    gen_config = state["generator_config"] if state else loop["generator_config"]
+    state = restore_state(ray.train.get_checkpoint(), plan.run_dir)
+    gen_config = state["generator_config"] if state else plan.generator_config
 
     # -- model: a fresh generator (stage 1) or the frozen stage 1 + a fresh stage 2 -----------------
     gen = ReactDiffGenerator(GeneratorConfig.from_dict(gen_config))
     if state is None and stage == "diffusion":
-        from pipeline.registry.models import load_generator_file
-
-        trained = load_generator_file(loop["autoencoder_uri"])
+        trained = load_generator_file(plan.autoencoder_uri)
         own = gen.state_dict()
         gen.load_state_dict({k: v for k, v in trained.state_dict().items()
                              if not k.startswith(("cond.", "denoiser.")) and k in own}, strict=False)
-    elif state is None and loop.get("mean_face") is not None:
-        gen.set_mean_face(np.asarray(loop["mean_face"], dtype=np.float32))
+    elif state is None and plan.mean_face is not None:
+        gen.set_mean_face(np.asarray(plan.mean_face, dtype=np.float32))
     if state is not None:
         try:
             gen.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise TrainError(f"checkpoint of run {cfg.name} does not fit the model code of this version "
                              f"({str(exc)[:300]}…); start a new run with --set name=<new name>") from None
-    gen.metadata = dict(loop["metadata"])
+    gen.metadata = dict(plan.metadata)
     gen.to(device)
     params = gen.set_trainable(stage)
-    settings = TrainSettings(**{k: v for k, v in ts.items() if k in {f.name for f in dataclasses.fields(TrainSettings)}})
     optimizer = make_optimizer(params, settings)
     ema = EMA(gen, settings.ema_decay)
     torch.manual_seed(cfg.seed + 1 + rank)   # different noise/dropout per rank from here on
 
     epoch0, step, history = 0, 0, []
-    run_id = loop["mlflow_run_id"]
+    run_id = plan.mlflow_run_id
     if state is not None:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -290,27 +281,27 @@ def train_loop_per_worker(loop: dict) -> None:
     model = ray.train.torch.prepare_model(_objective(gen, stage), move_to_device=False,
                                           parallel_strategy_kwargs={"forward_sync_buffers": False})
 
-    logger = tracking.EpochLogger(run_id, loop["tracking_uri"]) if rank == 0 and run_id else None
+    logger = tracking.EpochLogger(run_id, plan.tracking_uri) if rank == 0 and run_id else None
     if logger is not None and history:
         logger.log_history(history)       # epochs checkpointed before a crash but not yet in MLflow
-    extras = _RankZeroValidation(loop, device) if rank == 0 else None
+    extras = _RankZeroValidation(plan, device) if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     stats_shard = ray.train.get_dataset_shard("stats") if stage == "autoencoder" else None
-    epochs = int(ts["epochs"])
+    epochs = settings.epochs
     for epoch in range(epoch0 + 1, epochs + 1):
-        _maybe_inject_failure(cfg, loop["run_dir"], epoch, rank, world)
+        _maybe_inject_failure(cfg, plan.run_dir, epoch, rank, world)
         t_epoch = time.perf_counter()
         row: dict[str, float] = {tracking.EPOCH_METRIC: epoch}
-        row.update(_train_epoch(model, gen, optimizer, ema, params, train_shard, ts, loop, device, bf16))
+        row.update(_train_epoch(model, gen, optimizer, ema, params, train_shard, plan, world, device, bf16))
         step += int(row["train/steps"])
         is_checkpoint = epoch % cfg.checkpoint.every == 0 or epoch == epochs
         figure = None
         if is_checkpoint or epoch % cfg.validation.every == 0:
             t_val = time.perf_counter()
             with ema.average_parameters(gen):
-                row.update(_validate(model, gen, val_shard, loop, device, epoch))
+                row.update(_validate(model, gen, val_shard, plan, rank, device))
                 if extras is not None:      # plots go to MLflow with their checkpoint
                     nth = epoch // cfg.checkpoint.every
                     plot = is_checkpoint and (epoch == epochs or (nth - 1) % max(1, cfg.validation.plot_every) == 0)
@@ -320,7 +311,7 @@ def train_loop_per_worker(loop: dict) -> None:
         if is_checkpoint and stage == "autoencoder":
             t_stats = time.perf_counter()
             with ema.average_parameters(gen):       # statistics of the weights that are exported
-                row["stats/clips"] = _latent_statistics(gen, stats_shard, loop, device)
+                row["stats/clips"] = _latent_statistics(gen, stats_shard, plan.batch_size, device)
             row["time/stats_s"] = time.perf_counter() - t_stats
         row["time/epoch_s"] = time.perf_counter() - t_epoch
         history.append(row)
@@ -334,11 +325,11 @@ def train_loop_per_worker(loop: dict) -> None:
                 state = {"model": gen.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "step": step, "history": history, "mlflow_run_id": run_id,
                          "generator_config": gen.config.to_dict(), "metadata": dict(gen.metadata),
-                         "config": loop["config"], "stage": stage, "snapshot_id": loop["snapshot_id"],
-                         "autoencoder_uri": loop.get("autoencoder_uri")}
+                         "config": to_dict(cfg), "stage": stage, "snapshot_id": plan.snapshot_id,
+                         "autoencoder_uri": plan.autoencoder_uri}
                 write_checkpoint(tmp, state, {"epoch": epoch, "step": step, "stage": stage, "mlflow_run_id": run_id,
-                                              "snapshot_id": loop["snapshot_id"], "name": cfg.name,
-                                              "autoencoder_uri": loop.get("autoencoder_uri"),
+                                              "snapshot_id": plan.snapshot_id, "name": cfg.name,
+                                              "autoencoder_uri": plan.autoencoder_uri,
                                               "metrics": dict(row), "history": history})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")

@@ -11,7 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import job as ev
+from pipeline.evaluate import predictions, protocol, records
+from pipeline.evaluate import scoring as ev
+from pipeline.evaluate.scoring import EvalOptions
+from tests.helpers.models import tiny_generator
+from tests.helpers.snapshots import GENERATOR, write_tiny_snapshot
 
 SAMPLES, STEPS = 2, 1
 
@@ -19,12 +23,10 @@ SAMPLES, STEPS = 2, 1
 @pytest.fixture(scope="module")
 def generated(ray_local, tiny_snapshot, tmp_path_factory):
     """One generation over Ray (batches of 2 items) with predictions saved as Parquet."""
-    from eval_fixtures import tiny_generator
-
     path = str(tmp_path_factory.mktemp("eval") / "predictions.parquet")
-    gen = tiny_generator()
-    report = ev.evaluate_generator(gen, tiny_snapshot, "val", samples=SAMPLES, steps=STEPS, seed=7,
-                                   batch_size=2, actors=1, frdist_tasks=3, baselines=("gt", "mime"),
+    gen = tiny_generator(0, GENERATOR, random_stats=True)
+    options = EvalOptions(samples=SAMPLES, steps=STEPS, seed=7, batch_size=2, actors=1, frdist_tasks=3)
+    report = ev.evaluate_generator(gen, tiny_snapshot, "val", options, baselines=("gt", "mime"),
                                    save_predictions=path)
     return gen, report, path
 
@@ -38,7 +40,7 @@ def direct_predictions(gen, snapshot, seed: int, which: list[int]) -> np.ndarray
     out = []
     for item in items:
         x = {k: torch.tensor(v[None]) for k, v in feats[item.speaker].items()}
-        r = gen.generate(x, num_samples=SAMPLES, steps=STEPS, seed=ev.item_seed(seed, item.index))
+        r = gen.generate(x, num_samples=SAMPLES, steps=STEPS, seed=protocol.item_seed(seed, item.index))
         out.append(r.emotion[0].numpy())
     return np.stack(out)
 
@@ -47,7 +49,7 @@ def test_metrics_equal_compute_all_on_the_same_predictions(generated, tiny_snaps
     from reactdiff import metrics as M
 
     gen, report, path = generated
-    saved = ev.read_predictions(path)
+    saved = predictions.read_predictions(path)
     # order contract + partition-independent seeds: what the actor made in batches of 2 equals
     # items generated alone in this process (an original and a mirrored item, in another batch)
     assert saved.shape == (6, SAMPLES, 750, 25)
@@ -55,7 +57,7 @@ def test_metrics_equal_compute_all_on_the_same_predictions(generated, tiny_snaps
     assert not np.allclose(saved[1], saved[4])
 
     items = tiny_snapshot.items("val")
-    listener, speaker = ev.ground_truth(tiny_snapshot, items)
+    listener, speaker = protocol.ground_truth(tiny_snapshot, items)
     assert np.array_equal(listener[0], tiny_snapshot.load_clips([items[0].listener], ["emotion"])
                           [items[0].listener]["emotion"][:750])
     expected = M.compute_all(saved, listener, speaker, tiny_snapshot.neighbours("val"))
@@ -101,35 +103,33 @@ def test_predictions_parquet_contract(tmp_path, ray_local):
     rng = np.random.default_rng(1)
     pred = rng.random((4, 2, 751, 25), dtype=np.float32)
     # canonical fixed_shape_tensor, rows out of order
-    ev.write_predictions(str(tmp_path / "a.parquet"), pred[[2, 0, 3, 1]], items=[2, 0, 3, 1])
-    assert np.array_equal(ev.read_predictions(str(tmp_path / "a.parquet")), pred[:, :, :750])
-    assert np.array_equal(ev.read_predictions(str(tmp_path / "a.parquet"), items=[3, 1]), pred[[3, 1], :, :750])
+    predictions.write_predictions(str(tmp_path / "a.parquet"), pred[[2, 0, 3, 1]], items=[2, 0, 3, 1])
+    assert np.array_equal(predictions.read_predictions(str(tmp_path / "a.parquet")), pred[:, :, :750])
+    assert np.array_equal(predictions.read_predictions(str(tmp_path / "a.parquet"), items=[3, 1]), pred[[3, 1], :, :750])
     # what Ray Data's write_parquet makes of an ndarray column: a folder of files, Ray's tensor type
     rows = [{"item": i, "emotion": pred[i], "speaker": f"s{i}"} for i in range(4)]
     ray.data.from_items(rows).write_parquet(str(tmp_path / "ray"))
-    assert np.array_equal(ev.read_predictions(str(tmp_path / "ray")), pred[:, :, :750])
+    assert np.array_equal(predictions.read_predictions(str(tmp_path / "ray")), pred[:, :, :750])
     # one row per (item, sample)
     per_sample = [{"item": i, "sample": s, "emotion": pred[i, s]} for i in range(4) for s in (1, 0)]
     ray.data.from_items(per_sample).write_parquet(str(tmp_path / "per_sample"))
-    assert np.array_equal(ev.read_predictions(str(tmp_path / "per_sample")), pred[:, :, :750])
+    assert np.array_equal(predictions.read_predictions(str(tmp_path / "per_sample")), pred[:, :, :750])
     # missing and duplicated items are errors, never silently misaligned
     with pytest.raises(ValueError, match="1 of 4 items are missing"):
-        ev.read_predictions(str(tmp_path / "a.parquet"), items=[0, 1, 2, 5])
-    ev.write_predictions(str(tmp_path / "dup.parquet"), pred[[0, 0, 1]], items=[0, 0, 1])
+        predictions.read_predictions(str(tmp_path / "a.parquet"), items=[0, 1, 2, 5])
+    predictions.write_predictions(str(tmp_path / "dup.parquet"), pred[[0, 0, 1]], items=[0, 0, 1])
     with pytest.raises(ValueError, match="appears 2 times"):
-        ev.read_predictions(str(tmp_path / "dup.parquet"))
+        predictions.read_predictions(str(tmp_path / "dup.parquet"))
 
 
 def test_quarantined_clip_drops_its_items(tmp_path):
-    from eval_fixtures import write_tiny_snapshot
-
     from pipeline.data.snapshot import Snapshot
 
     snap = Snapshot.open(write_tiny_snapshot(str(tmp_path), quarantined=("NoXI/001_session/Novice_video/1",)))
-    items, neighbours, dropped = ev.split_items(snap, "val")
+    items, neighbours, dropped = protocol.split_items(snap, "val")
     assert dropped == 2 and [i.index for i in items] == [0, 2, 3, 5]     # dyad 1 and its mirror
     # the one rule, shared with `reactdiff generate --split`: a quarantined speaker *or* listener
-    assert ev.available_items(snap, "val", snap.items("val")) == [0, 2, 3, 5]
+    assert protocol.available_items(snap, "val", snap.items("val")) == [0, 2, 3, 5]
     full = snap.neighbours("val")
     assert np.array_equal(neighbours, full[np.ix_([0, 2, 3, 5], [0, 2, 3, 5])])
 
@@ -185,7 +185,7 @@ def test_promotion_with_real_evaluations(registered, tiny_snapshot, ray_local, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ev, "evaluate_generator", spy)
-    options = ev.EvalOptions(samples=SAMPLES, steps=STEPS, max_items=4, frdist_tasks=2, actors=1, batch_size=4)
+    options = EvalOptions(samples=SAMPLES, steps=STEPS, max_items=4, frdist_tasks=2, actors=1, batch_size=4)
     first = P.promote(P.PromoteConfig(candidate="1", evaluation=options))
     assert first.decision == "first" and calls == ["models:/reactdiff/1"]
     second = P.promote(P.PromoteConfig(candidate="2", evaluation=options))
@@ -204,12 +204,12 @@ def test_decoder_dropout_is_an_option_and_is_recorded(generated, tiny_snapshot):
     option, reproducible for a seed, recorded with the latent normalisation in the report."""
     gen, off, _ = generated
     assert (off.decoder_dropout, off.latent_normalisation, off.architecture) == (False, "exact", "reference")
-    kwargs = dict(samples=SAMPLES, steps=STEPS, seed=7, batch_size=3, actors=1, frdist_tasks=2, baselines=(),
-                  decoder_dropout=True)
-    on = ev.evaluate_generator(gen, tiny_snapshot, "val", **kwargs)
-    again = ev.evaluate_generator(gen, tiny_snapshot, "val", **kwargs)
+    options = EvalOptions(samples=SAMPLES, steps=STEPS, seed=7, batch_size=3, actors=1, frdist_tasks=2,
+                          decoder_dropout=True)
+    on = ev.evaluate_generator(gen, tiny_snapshot, "val", options, baselines=())
+    again = ev.evaluate_generator(gen, tiny_snapshot, "val", options, baselines=())
     assert on.decoder_dropout is True and "decoder dropout on" in on.table()
     assert on.metrics != off.metrics and on.metrics == again.metrics
     # promotion's metric cache keys on the protocol: dropout on and off are different protocols
-    assert ev.evaluation_tag("val", "s", ev.EvalOptions(decoder_dropout=True)) != ev.evaluation_tag(
-        "val", "s", ev.EvalOptions())
+    assert records.evaluation_tag("val", "s", EvalOptions(decoder_dropout=True)) != records.evaluation_tag(
+        "val", "s", EvalOptions())

@@ -7,7 +7,8 @@ import pytest
 
 from jobs import cli
 from pipeline import storage
-from pipeline.evaluate import job as evaluate
+from pipeline.evaluate import predictions, protocol
+from pipeline.evaluate.scoring import EvalOptions, evaluate_generator, evaluate_predictions
 from pipeline.generate.job import PREDICTIONS_MANIFEST
 
 MODEL = "models:/reactdiff@champion"
@@ -25,17 +26,17 @@ def test_batch_predictions_score_like_direct_evaluation(registry, s3, capsys):
 
     snapshot = registry.snapshot
     items = snapshot.items("test")
-    pred = evaluate.read_predictions(out, [i.index for i in items])
+    pred = predictions.read_predictions(out, [i.index for i in items])
     assert pred.shape == (4, SAMPLES, 750, 25)
     manifest = storage.read_json(storage.join(out, PREDICTIONS_MANIFEST))
     assert manifest["items"] == 4 and manifest["seed"] == SEED and manifest["model"]["version"] == "1"
 
     # Direct evaluation generates the same items itself; the metrics must not differ.
     generator, version = load_generator(MODEL)
-    direct = evaluate.evaluate_generator(generator, snapshot, "test", samples=SAMPLES, seed=SEED, steps=STEPS,
-                                         baselines=(), model_version=version)
-    scored = evaluate.evaluate_predictions(pred, snapshot, "test", seed=SEED, baselines=())
-    assert set(direct.metrics) == set(evaluate.METRIC_DIRECTIONS)
+    direct = evaluate_generator(generator, snapshot, "test", EvalOptions(samples=SAMPLES, seed=SEED, steps=STEPS),
+                                baselines=(), model_version=version)
+    scored = evaluate_predictions(pred, snapshot, "test", EvalOptions(seed=SEED), baselines=())
+    assert set(direct.metrics) == set(protocol.METRIC_DIRECTIONS)
     for name, value in direct.metrics.items():
         assert scored.metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
 
@@ -60,8 +61,8 @@ def test_batch_predictions_score_like_direct_evaluation(registry, s3, capsys):
     rows = table.to_pydict()
     for item, spk, lst, seed in zip(rows["item"], rows["speaker"], rows["listener"], rows["seed"]):
         assert (spk, lst) == (items[item].speaker, items[item].listener)
-        assert seed == evaluate.item_seed(SEED, item)
-    np.testing.assert_array_equal(evaluate.read_predictions(out, [0, 1, 2]), pred[:3])   # same seeds, same numbers
+        assert seed == protocol.item_seed(SEED, item)
+    np.testing.assert_array_equal(predictions.read_predictions(out, [0, 1, 2]), pred[:3])   # same seeds, same numbers
     assert not [n for n in storage.listdir(out) if n.startswith("_staging")]
 
 

@@ -57,10 +57,10 @@ def test_preset_reference_settings_fill_unset_values():
 
     paper = preset_config("paper")
     cfg = config.load(TrainConfig, "train", ["stage=diffusion", "stage2.lr=0.00001"])
-    s = resolved_settings(cfg, paper)
+    s = resolved_settings(cfg, paper).to_dict()
     assert s["lr"] == 1e-5 and s["weight_decay"] == 5e-4 and s["ema_decay"] == 0.999
     assert s["epochs"] == 200 and s["batch_size"] == 16 and s["betas"] == [0.9, 0.999]
-    s1 = resolved_settings(config.load(TrainConfig, "train"), paper)
+    s1 = resolved_settings(config.load(TrainConfig, "train"), paper).to_dict()
     assert s1["lr"] == 1e-4 and s1["grad_clip"] == 1.0
 
 
