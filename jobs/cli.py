@@ -3,6 +3,12 @@
 Each command lives in its own module under ``jobs/`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. The same module runs as
 ``python -m jobs.<name>`` for ``ray job submit``.
+
+Errors the user can fix (``pipeline.errors.UserError``: bad options, missing data, a busy
+registry lock) are caught here, once: the message is printed without a traceback and the
+command exits with the error's ``exit_code``. A module may widen that with ``USER_ERRORS``
+(builtin exception types its library raises for bad inputs) and ``USER_ERROR_EXIT`` (one exit
+status for all of them, e.g. extract keeps 1 for "too many clips quarantined").
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import importlib
 import logging
 import sys
 
+from pipeline.errors import UserError
 from reactdiff import __version__
 
 # name -> module; order is the order of `reactdiff --help` (data flows top to bottom).
@@ -76,13 +83,13 @@ def run_module(module, argv: list[str] | None = None) -> int:
 
 
 def _guarded(module, args) -> int:
-    from pipeline.config import ConfigError
-
+    command = (module.__spec__.name if module.__spec__ else module.__name__).rpartition(".")[2]
     try:
         return int(module.run(args) or 0)
-    except ConfigError as exc:
-        print(f"reactdiff: configuration error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, *getattr(module, "USER_ERRORS", ())) as exc:
+        kind = getattr(exc, "kind", "")
+        print(f"reactdiff {command}: {kind + ': ' if kind else ''}{exc}", file=sys.stderr)
+        return getattr(module, "USER_ERROR_EXIT", None) or getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         print("reactdiff: interrupted", file=sys.stderr)
         return 130

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import config
+from pipeline.demo import DemoConfig, run_demo, verdict
+
 HELP = "run the whole pipeline end to end on embedded defaults (synthetic data, local Ray, sqlite MLflow)"
 
 
 def add_arguments(parser) -> None:
-    from pipeline.config import add_config_arguments
-
-    add_config_arguments(parser, default="demo")
-    parser.add_argument("--workdir", default=None, help="working directory (default: $REACTDIFF_HOME or .reactdiff)")
+    config.add_config_arguments(parser, default="demo")
+    config.add_options(parser, DemoConfig)
 
 
 def run(args) -> int:
-    from pipeline import config
-    from pipeline.demo import DemoConfig, run_demo, verdict
-
-    cfg = config.load(DemoConfig, args.config, args.overrides, workdir=args.workdir)
+    cfg = config.load_args(DemoConfig, args)
     summary = run_demo(cfg)
     print("\n== reactdiff demo: done in {total_s:.0f} s".format(**summary))
     for line in verdict(summary["metrics"], summary["baselines"]):

@@ -22,6 +22,11 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from pipeline import config, runtime
+from pipeline.config import ConfigError, option
+from pipeline.data import react
+from pipeline.data.snapshot import MEAN_FACE_MISSING
+
 HELP = "check a REACT dataset root: counts per split/site, frame counts, missing or broken files"
 
 log = logging.getLogger(__name__)
@@ -31,35 +36,24 @@ log = logging.getLogger(__name__)
 class InspectConfig:
     """Options of ``reactdiff inspect`` (YAML/``--set`` keys)."""
 
-    data: str = ""                # dataset root (local or s3://); "" = <working directory>/data
-    quick: bool = False           # listings only: do not open the files
-    frames: int = 0               # expected frames per clip; 0 = the most common count
-    strict: bool = False          # exit 1 on any problem
-    max_problems: int = 30        # problems printed (all are counted)
-    workers: int = 16             # threads reading files
+    data: str = option("", "dataset root, local path or s3://bucket/prefix (default: <working directory>/data)",
+                       flag="--data", metavar="URI")
+    quick: bool = option(False, "check the listings only (missing files); do not open every file", flag="--quick")
+    frames: int = option(0, "expected frames per clip (REACT: 751); default 0: the most common count",
+                         flag="--frames")
+    strict: bool = option(False, "exit with status 1 when any problem is found, not only when the dataset is "
+                                 "unusable", flag="--strict")
+    max_problems: int = option(30, "how many problems to print (all are counted)", flag="--max-problems")
+    workers: int = option(16, "threads reading files", flag="--workers")
 
     def validate(self) -> None:
-        from pipeline.config import ConfigError
-
         if self.frames < 0 or self.max_problems < 0 or self.workers < 1:
             raise ConfigError("frames and max_problems must be >= 0, workers >= 1")
 
 
 def add_arguments(parser) -> None:
-    from pipeline.config import add_config_arguments
-
-    parser.add_argument("--data", default=None, metavar="URI",
-                        help="dataset root, local path or s3://bucket/prefix (default: <working directory>/data)")
-    parser.add_argument("--quick", action="store_true", default=None,
-                        help="check the listings only (missing files); do not open every file")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="expected frames per clip (REACT: 751); default: the most common count")
-    parser.add_argument("--strict", action="store_true", default=None,
-                        help="exit with status 1 when any problem is found, not only when the dataset is unusable")
-    parser.add_argument("--max-problems", type=int, default=None, dest="max_problems",
-                        help="how many problems to print (default: 30; all are counted)")
-    parser.add_argument("--workers", type=int, default=None, help="threads reading files (default: 16)")
-    add_config_arguments(parser)
+    config.add_options(parser, InspectConfig)
+    config.add_config_arguments(parser)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -78,12 +72,7 @@ def _counts(values) -> str:
 
 
 def run(args) -> int:
-    from pipeline import runtime
-    from pipeline.data import react
-    from pipeline.config import load
-
-    cfg = load(InspectConfig, args.config, args.overrides, data=args.data, quick=args.quick,
-               frames=args.frames, strict=args.strict, max_problems=args.max_problems, workers=args.workers)
+    cfg = config.load_args(InspectConfig, args)
     root = cfg.data or runtime.workspace().data
     try:
         ds = react.open_dataset(root)
@@ -102,8 +91,6 @@ def run(args) -> int:
     print(f"  release {ds.release} ({video}); Emotion roles: {ds.emotion_naming}; mean_face.npy: {mean_face}"
           + (f"; no {', '.join(missing_csv)}" if missing_csv else ""))
     if mean_face == "no":
-        from pipeline.data.publish import MEAN_FACE_MISSING
-
         print(f"  warning: {MEAN_FACE_MISSING}")
 
     # Counts per split and site.

@@ -16,64 +16,24 @@ examples:
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from pipeline import config, runtime
+from pipeline.data import synth
 
 HELP = "generate a synthetic REACT dataset (exact layout, learnable one-to-many reactions)"
 
 
-def dyad_counts(text: str) -> list[int]:
-    """``"8,4,4"`` -> [8, 4, 4] (train, val, test)."""
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        counts = []
-    if len(counts) != 3 or min(counts) < 0 or sum(counts) == 0:
-        raise argparse.ArgumentTypeError(f"expected three non-negative counts TRAIN,VAL,TEST such as 8,4,4; got {text!r}")
-    return counts
-
-
 def add_arguments(parser) -> None:
-    from pipeline.config import add_config_arguments
-
-    parser.add_argument("--out", default=None, metavar="URI",
-                        help="dataset root to write, local path or s3://bucket/prefix "
-                             "(default: <working directory>/data)")
-    parser.add_argument("--dyads", type=dyad_counts, default=None, metavar="TRAIN,VAL,TEST",
-                        help="dyads per split; each dyad is two person clips (default: 8,4,4)")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames per clip at 25 fps (default: 751, as in REACT)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed; same seed, same data (default: 0)")
-    parser.add_argument("--release", choices=["2024", "2023"], default=None,
-                        help="2024: mp4 videos, Emotion roles renamed P1/P2; 2023: PNG frame folders, "
-                             "original role names, UDIVA dyads too (default: 2024)")
-    parser.add_argument("--behaviour", choices=["prototype", "backchannel"], default=None,
-                        help="behaviour model: prototype (three speaker prototypes, mirror/complementary/"
-                             "dampened listeners; the demo's) or backchannel (speaker groups, listeners "
-                             "that smile, raise brows and nod while the partner talks) (default: prototype)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes rendering clips (default: one per CPU for sizeable datasets)")
-    parser.add_argument("--overwrite", action="store_true", default=None,
-                        help="replace the files of an existing synthetic dataset at --out")
-    add_config_arguments(parser)
+    config.add_options(parser, synth.SynthConfig)
+    config.add_config_arguments(parser)
 
 
 def run(args) -> int:
-    from pipeline import runtime
-    from pipeline.data import synth
-    from pipeline.config import load
-
-    cfg = load(synth.SynthConfig, args.config, args.overrides, out=args.out, dyads=args.dyads,
-               frames=args.frames, seed=args.seed, release=args.release, workers=args.workers,
-               overwrite=args.overwrite, behaviour=args.behaviour)
+    cfg = config.load_args(synth.SynthConfig, args)
     out = cfg.out or runtime.workspace().data
-    try:
-        summary = synth.generate(out, dyads=tuple(cfg.dyads), frames=cfg.frames, seed=cfg.seed,
-                                 release=cfg.release, workers=cfg.workers or None, overwrite=cfg.overwrite,
-                                 behaviour=cfg.behaviour)
-    except synth.SynthError as exc:
-        print(f"reactdiff synth: {exc}", file=sys.stderr)
-        return 1
+    summary = synth.generate(out, dyads=tuple(cfg.dyads), frames=cfg.frames, seed=cfg.seed, release=cfg.release,
+                             workers=cfg.workers or None, overwrite=cfg.overwrite, behaviour=cfg.behaviour)
     if summary.skipped:
         print(f"{out}: an identical synthetic dataset is already complete (use --overwrite to redo it)")
     else:

@@ -22,63 +22,38 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import sys
+
+from pipeline import config
+from pipeline.train.config import TrainConfig
+from pipeline.train.job import train
 
 HELP = "train stage 1 (autoencoder) or stage 2 (diffusion) on Ray Train with MLflow tracking"
 
 
 def add_arguments(parser) -> None:
-    from pipeline.config import add_config_arguments
-
-    add_config_arguments(parser, default="train")
-    parser.add_argument("--stage", choices=["autoencoder", "diffusion"],
-                        help="autoencoder = stage 1 (MMT), diffusion = stage 2 (default from the config: autoencoder)")
-    parser.add_argument("--features", metavar="SNAPSHOT",
-                        help="feature snapshot: URI, id under <workdir>/snapshots, or 'latest'")
-    parser.add_argument("--autoencoder", metavar="URI",
-                        help="stage 2: stage-1 autoencoder.pt URI or MLflow run id (default: newest for the snapshot)")
-    parser.add_argument("--name", help="run name; the same name resumes that run (default: derived)")
-    parser.add_argument("--storage", dest="storage_path", metavar="URI",
-                        help="checkpoint storage: local path or s3://bucket/prefix (default: <workdir>/checkpoints)")
-    parser.add_argument("--preset", help="generator preset: small | paper (default: small)")
+    config.add_config_arguments(parser, default="train")
+    config.add_options(parser, TrainConfig)
+    # Not one config field each: they land in the section (stage1/stage2) of the stage trained.
     parser.add_argument("--epochs", type=int, help="epochs of the chosen stage")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, help="per-worker batch size of the chosen stage")
-    parser.add_argument("--num-workers", dest="num_workers", type=int, help="Ray Train workers")
-    parser.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
-    parser.add_argument("--ray-address", dest="ray_address",
-                        help="Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray on 127.0.0.1)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int,
+                        help="clips (stage 1) / directed items (stage 2) per optimiser step of the chosen stage, "
+                             "all workers together")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def config_from_args(args):
+def config_from_args(args) -> TrainConfig:
     """--config + --set + explicit options → TrainConfig (explicit options win)."""
-    from pipeline import config
-    from pipeline.train.job import TrainConfig
-
-    explicit = {k: getattr(args, k) for k in ("stage", "features", "autoencoder", "name", "storage_path",
-                                               "preset", "ray_address")}
-    # Stage-specific CLI options land in the section of the stage being trained.
     stage = args.stage or config.load(TrainConfig, args.config, args.overrides).stage
     section = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
-    if section:
-        explicit["stage1" if stage == "autoencoder" else "stage2"] = section
-    scaling = {k: v for k, v in (("num_workers", args.num_workers), ("use_gpu", args.use_gpu)) if v is not None}
-    if scaling:
-        explicit["scaling"] = scaling
-    return config.load(TrainConfig, args.config, args.overrides, **explicit)
+    explicit = {"stage1" if stage == "autoencoder" else "stage2": section} if section else {}
+    return config.load_args(TrainConfig, args, **explicit)
 
 
 def run(args) -> int:
-    import json
-
-    from pipeline.train.job import TrainError, train
-
     cfg = config_from_args(args)
-    try:
-        result = train(cfg)
-    except TrainError as exc:
-        print(f"reactdiff train: {exc}", file=sys.stderr)
-        return 1
+    result = train(cfg)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:

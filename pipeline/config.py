@@ -6,6 +6,7 @@ key or a value of the wrong type raises ``ConfigError`` naming the dotted key.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -15,13 +16,20 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.errors import UserError
+from reactdiff import config as coercion
+from reactdiff.config import merge, option  # noqa: F401  (re-exported: option is the field helper of every job config)
+
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, coercion.ConfigError):
     """A configuration file or override is invalid; the message names the key."""
+
+    exit_code = 2
+    kind = "configuration error"
 
 
 def config_path(name_or_path: str) -> Path:
@@ -66,95 +74,15 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (valid: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
+    """Build dataclass ``cls`` from a mapping (``reactdiff.config.from_dict``); unknown keys and
+    wrong types raise :class:`ConfigError` naming the dotted key."""
     try:
-        obj = cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj
+        return coercion.from_dict(cls, data, prefix)
+    except coercion.ConfigError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
 
 
 def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
@@ -188,3 +116,129 @@ def add_config_arguments(parser, default: str | None = None) -> None:
                         help=f"YAML config file or bundled name in jobs/configs (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (dotted), repeatable, e.g. --set train.epochs=3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options generated from the fields declared with ``option(..., flag="--x")``
+
+
+def _fields(cls: type, prefix: tuple[str, ...] = ()):
+    """(dotted path, field, type) of every leaf field of ``cls``, nested dataclasses included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _fields(hints[f.name], (*prefix, f.name))
+        else:
+            yield (*prefix, f.name), f, hints[f.name]
+
+
+def _non_optional(tp: Any) -> Any:
+    """``int | None`` → ``int``: a command-line value is never null."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _plain(value: Any) -> Any:
+    """A default as YAML would hold it (dataclasses as mappings, tuples as lists)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+class _ListOption(argparse.Action):
+    """A list field: ``--dyads 8,4,4`` or ``--splits train val``; commas and spaces both separate."""
+
+    def __init__(self, *args, convert=str, **kwargs):
+        self.convert = convert
+        super().__init__(*args, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        for token in (t for v in values for t in str(v).split(",") if t):
+            try:
+                items.append(self.convert(token))
+            except ValueError:
+                parser.error(f"{option_string}: {token!r} is not a valid {self.convert.__name__}")
+        setattr(namespace, self.dest, items)
+
+
+class _MappingOption(argparse.Action):
+    """A mapping field, one ``NAME=VALUE`` per (repeated) option."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, item = value.partition("=")
+        if not sep or not name.strip() or not item.strip():
+            parser.error(f"{option_string} {value!r} must look like {self.metavar}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name.strip(): item.strip()})
+
+
+def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    meta = f.metadata
+    tp = _non_optional(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+    if tp is bool:
+        kwargs["action"] = "store_true"
+    elif tp in (int, float):
+        kwargs["type"] = tp
+    elif origin is typing.Literal:
+        kwargs["choices"] = list(args)
+    elif origin is list:
+        kwargs.update(action=_ListOption, convert=args[0] if args else str)
+    elif origin is dict:
+        kwargs.update(action=_MappingOption, metavar="NAME=VALUE")
+    kwargs.update(meta["cli"])
+    default = _default(f)
+    shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    text = meta["help"]
+    if "default" not in text and not isinstance(default, (bool, dict)) and default not in (None, "", []):
+        text += f" (default: {shown})"
+    kwargs["help"] = text
+    return kwargs
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """An argparse option for every field of ``cls`` declared with a ``flag``; the remaining
+    fields are listed in the epilog as ``--set`` keys with their help and default."""
+    groups: dict[str, Any] = {}
+    settings = []
+    for path, f, tp in _fields(cls):
+        meta = f.metadata
+        if not meta.get("flag"):
+            value = yaml.safe_dump(_plain(_default(f)), default_flow_style=True, width=1000).strip().removesuffix("\n...")
+            settings.append(f"  {'.'.join(path) + '=' + value:<32} {meta.get('help', '')}".rstrip())
+            continue
+        target = parser
+        if meta["group"]:
+            target = groups.get(meta["group"]) or groups.setdefault(meta["group"],
+                                                                    parser.add_argument_group(meta["group"]))
+        target.add_argument(meta["flag"], **_argparse_kwargs(f, tp))
+    if settings and parser.epilog is None:
+        parser.epilog = "settings without an option (--set KEY=VALUE):\n" + "\n".join(settings)
+
+
+def options_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The values given on the command line for the flagged fields of ``cls``, as a nested dict."""
+    out: dict[str, Any] = {}
+    for path, f, _ in _fields(cls):
+        if not f.metadata.get("flag"):
+            continue
+        value = getattr(args, f.metadata["cli"].get("dest", f.name), None)
+        if value is not None:
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+    return out
+
+
+def load_args(cls: type[T], args: argparse.Namespace, **explicit: Any) -> T:
+    """``--config`` < ``--set`` < the command-line options of ``cls`` < ``explicit`` → ``cls``."""
+    given = {k: v for k, v in explicit.items() if v is not None}
+    return load(cls, args.config, args.overrides, **merge(options_from_args(cls, args), given))

@@ -25,7 +25,6 @@ import io
 import numbers
 import os
 import pickle
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, NamedTuple, Sequence
@@ -33,6 +32,7 @@ from typing import Any, BinaryIO, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from reactdiff.config import ConfigError, coerce, from_dict, merge
 from reactdiff.diffusion import DiffusionConfig, NoiseSchedule, ddim_sample, epsilon_loss
 from reactdiff.mmt import MMTAutoencoder, MMTConfig
 from reactdiff.temporal import SequenceCondition, TemporalConfig, TemporalDenoiser
@@ -104,7 +104,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
-        return _build(cls, data, "")
+        return from_dict(cls, data)
 
     def with_overrides(self, **overrides: Any) -> "GeneratorConfig":
         """A copy with overrides applied; see ``build_generator`` for the accepted forms."""
@@ -113,7 +113,7 @@ class GeneratorConfig:
         nested = {f.name for f in dataclasses.fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
         for key, value in overrides.items():
             if key in own:
-                routed[key] = _merge(routed[key], value) if isinstance(routed.get(key), dict) else value
+                routed[key] = merge(routed[key], value) if isinstance(routed.get(key), dict) else value
                 continue
             # Convenience: a field of exactly one sub-config may be given at top level
             # (``facial=…``, ``hidden_dim=…``, ``model_channels=…``).
@@ -129,59 +129,19 @@ class GeneratorConfig:
         return _apply(self, routed, "")
 
 
-def _resolve(tp: Any) -> tuple[Any, tuple]:
-    return typing.get_origin(tp), typing.get_args(tp)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """Convert a plain value (from a dict/YAML/JSON) to the annotated field type."""
-    origin, args = _resolve(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return dataclasses.replace(value)
-        if isinstance(value, dict):
-            return _build(tp, value, path + ".")
-        raise ValueError(f"{path}: expected a mapping, got {type(value).__name__}")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, path)
-    if origin is tuple:
-        return tuple(value)
-    if origin is dict:
-        return dict(value)
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    unknown = set(data) - set(hints)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(prefix + k for k in sorted(unknown))}; "
-                         f"known: {', '.join(prefix + k for k in hints)}")
-    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
-
-
 def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     """Recursive dataclasses.replace: dicts merge into dataclass fields, anything else replaces."""
     hints = typing.get_type_hints(type(obj))
     changes = {}
     for key, value in overrides.items():
         if key not in hints:
-            raise ValueError(f"unknown option {prefix + key}; known: {', '.join(prefix + k for k in hints)}")
+            raise ConfigError(f"unknown option {prefix + key}; known: {', '.join(prefix + k for k in hints)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = _apply(current, value, prefix + key + ".")
         else:
-            changes[key] = _coerce(hints[key], value, prefix + key)
+            changes[key] = coerce(value, hints[key], prefix + key)
     return dataclasses.replace(obj, **changes)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,20 +521,12 @@ class ReactDiffGenerator(nn.Module):
     # -- persistence -----------------------------------------------------------------------------
 
     def save(self, target: str | os.PathLike | BinaryIO) -> None:
-        """Write one file {"format", "config", "metadata", "state_dict"}; paths, s3://… URIs or file objects."""
+        """Write one file {"format", "config", "metadata", "state_dict"} to a local path or a file
+        object (object stores: ``pipeline.storage.write_bytes(uri, generator.to_bytes())``)."""
         payload = {"format": FORMAT, "config": self.config.to_dict(), "metadata": dict(self.metadata),
                    "state_dict": self.state_dict()}
         if isinstance(target, (str, os.PathLike)):
-            uri = os.fspath(target)
-            if _is_remote(uri):
-                import fsspec   # lazy: only needed for object stores
-
-                buffer = io.BytesIO()
-                torch.save(payload, buffer)
-                with fsspec.open(uri, "wb") as f:
-                    f.write(buffer.getvalue())
-                return
-            path = uri[len("file://"):] if uri.startswith("file://") else uri
+            path = _local_path(target)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             torch.save(payload, path)
         else:
@@ -582,15 +534,11 @@ class ReactDiffGenerator(nn.Module):
 
     @classmethod
     def load(cls, source: str | os.PathLike | BinaryIO, map_location: str | torch.device = "cpu") -> "ReactDiffGenerator":
-        """Load a file written by ``save`` with ``torch.load(weights_only=True)`` (never unpickles code)."""
+        """Load a file written by ``save`` (a local path or a file object; ``from_bytes`` for bytes)
+        with ``torch.load(weights_only=True)``: never unpickles code."""
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<file object>")
-        if isinstance(source, (str, os.PathLike)) and _is_remote(os.fspath(source)):
-            import fsspec
-
-            with fsspec.open(os.fspath(source), "rb") as f:
-                source = io.BytesIO(f.read())
-        elif isinstance(source, (str, os.PathLike)) and os.fspath(source).startswith("file://"):
-            source = os.fspath(source)[len("file://"):]
+        if isinstance(source, (str, os.PathLike)):
+            source = _local_path(source)
         try:
             payload = torch.load(source, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -617,8 +565,15 @@ class ReactDiffGenerator(nn.Module):
         return cls.load(io.BytesIO(data), map_location=map_location)
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+def _local_path(path: str | os.PathLike) -> str:
+    """A local path (``file://`` stripped); object-store URIs belong to ``pipeline.storage``."""
+    path = os.fspath(path)
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    if "://" in path:
+        raise ValueError(f"{path}: the generator reads and writes local paths or file objects only; "
+                         "read or write object-store files as bytes (from_bytes, to_bytes)")
+    return path
 
 
 def build_generator(preset: str = "small", **overrides: Any) -> ReactDiffGenerator:

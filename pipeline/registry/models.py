@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from pipeline import storage
+from pipeline.errors import UserError
 from pipeline.registry import runs as tracking
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +60,7 @@ SERVING_PACKAGES = ("torch", "numpy", "mlflow")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """An unknown registered model, version or alias, or an unusable model URI."""
 
 
