@@ -56,19 +56,21 @@ def cpu_time_ratio(dataset, snapshot_dir: str, clips: int = 2) -> dict:
     (prepare + write) for a few clips, sequentially in this process, one torch thread."""
     import torch
 
-    from pipeline.data.extract import CLIP_FIELDS, Plan, prepare_clip, write_stage
+    from pipeline.data.clip import ClipPlan, clip_row
+    from pipeline.data.extract import Plan, prepare_clip, write_stage
     from pipeline.data.features import load_feature_set
+    from pipeline.data.snapshot import SnapshotWriter
 
     torch.set_num_threads(1)
     fset = load_feature_set("demo")
     fset.resolve()
-    plan = Plan(snapshot_dir, dataset.root, fset, 25.0, None, 2, 64, 3)
+    plan = Plan(ClipPlan(fset, root=dataset.root), SnapshotWriter(snapshot_dir, fset.extractors, 25.0))
     decode_cpu = extract_cpu = 0.0
     for i, clip in enumerate(dataset.clips()[:clips + 1]):   # clip 0 warms up (lazy imports)
         t = time.process_time()
         _decode_only({"video": [clip.video]})
         decode_s = time.process_time() - t
-        row = {k: getattr(clip, a) or "" for k, a in CLIP_FIELDS.items()}
+        row = clip_row(clip)
         row.update(base_hash="", base_file="", base_frames=0)
         t = time.process_time()
         write_stage(prepare_clip(row, plan), plan)
@@ -158,18 +160,18 @@ def run(quick: bool = False) -> dict:
             else:
                 decode_runs.append(decode_throughput(videos))
                 extract_runs.append(extract(ExtractConfig(data=data, out=os.path.join(work, f"snapshots{r}"))))
-        ratios = [e.manifest["timings"]["frames_per_s"] / d[0] for d, e in zip(decode_runs, extract_runs)]
+        ratios = [e.manifest.timings.frames_per_s / d[0] for d, e in zip(decode_runs, extract_runs)]
         median = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
         decode_fps, decoded, decode_s = decode_runs[median]
         result = extract_runs[median]
         m = result.manifest
-        extract_fps = m["timings"]["frames_per_s"]
+        extract_fps = m.timings.frames_per_s
 
         cpu = cpu_time_ratio(dataset, os.path.join(work, "cpu"))
         snap = Snapshot.open(result.uri)
         clip_id = snap.clip_ids()[0]
         sample = snap.load_clips([clip_id], ["video_pixels"])[clip_id]["video_pixels"]
-        paper = paper_bytes_per_clip(sample, m["bytes"]["per_column_per_clip_mean"])
+        paper = paper_bytes_per_clip(sample, m.bytes.per_column_per_clip_mean)
         return {
             "clips": len(videos),
             "frames_per_clip": FRAMES,
@@ -179,22 +181,22 @@ def run(quick: bool = False) -> dict:
             "decode_only_frames_per_s": round(decode_fps, 1),
             "decode_only_s": round(decode_s, 2),
             "extract_demo_frames_per_s": round(extract_fps, 1),
-            "extract_demo_pipeline_s": round(m["timings"]["pipeline_s"], 2),
+            "extract_demo_pipeline_s": round(m.timings.pipeline_s, 2),
             "extract_vs_decode_ratio": round(extract_fps / decode_fps, 3) if decode_fps else None,
             "extract_vs_decode_ratio_rounds": [round(x, 3) for x in ratios],
             "extract_vs_decode_cpu_ratio": round(cpu["ratio"], 3),
             "decode_cpu_s_per_clip": round(cpu["decode_cpu_s_per_clip"], 3),
             "extract_cpu_s_per_clip": round(cpu["extract_cpu_s_per_clip"], 3),
             # Summed task time per clip (over all tasks): where the extraction time goes.
-            "extract_s_per_clip": {k: round(m["timings"][f"{k}_s_sum"] / max(1, len(videos)), 3)
+            "extract_s_per_clip": {k: round(getattr(m.timings, f"{k}_s_sum") / max(1, len(videos)), 3)
                                    for k in ("prepare", "video", "audio", "write")},
             "frames_decoded": decoded,
-            "frames_extracted": m["counts"]["frames_processed"],
-            "quarantined": m["counts"]["quarantined"],
-            "peak_worker_rss_mb": round(m["resources"]["peak_worker_rss_mb"], 1),
-            "demo_mb_per_clip": round(m["bytes"]["per_clip_mean"] / 1e6, 3),
+            "frames_extracted": m.counts.frames_processed,
+            "quarantined": m.counts.quarantined,
+            "peak_worker_rss_mb": round(m.resources.peak_worker_rss_mb, 1),
+            "demo_mb_per_clip": round(m.bytes.per_clip_mean / 1e6, 3),
             "demo_mb_per_clip_by_column": {k: round(v / 1e6, 4) for k, v in
-                                           m["bytes"]["per_column_per_clip_mean"].items()},
+                                           m.bytes.per_column_per_clip_mean.items()},
             "paper_mb_per_clip_raw_float16": round(paper["raw_mb_per_clip"], 2),
             "paper_mb_per_clip_estimated": round(paper["estimated_mb_per_clip"], 2),
             "paper_float16_compression_ratio": round(paper["float16_feature_compression_ratio"], 3),

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["extraction", "metrics", "training", "sampling", "quality"]
+BENCHMARKS = ["extraction", "metrics", "training", "sampling", "scale", "quality"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

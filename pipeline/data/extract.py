@@ -11,7 +11,8 @@ The job reads top to bottom as the data flows, one person clip per row, streamin
     -> facial networks   actor pool    TorchScript networks on the 224 crops (GPU if present)
     -> acoustic networks actor pool    wav2vec2 on 16 kHz audio (GPU if present)
     -> write          task per clip    one Parquet file per clip (float16 + zstd)
-    driver: quarantine, items, neighbours, mean face, then ``_manifest.json`` last (pipeline.data.publish)
+    driver: quarantine, items, neighbours, mean face, then ``_manifest.json`` last
+                                       (pipeline.data.snapshot.SnapshotWriter)
 
 Why one Parquet file per clip, written by our own task rather than ``Dataset.write_parquet``:
 file names are deterministic (``clips/<split>/<clip_id>.parquet``), so a retried task
@@ -24,6 +25,9 @@ per clip and per column for the manifest. REACT clips are ~1.6 MB (demo set) to 
 A clip that fails anywhere (corrupt/truncated video, missing file, wrong frame count, NaN
 labels, a worker that died) becomes a quarantine row with file and reason; the snapshot is
 published (manifest written) unless the quarantined fraction exceeds ``max_failure_fraction``.
+
+The per-clip feature path (decoding, CPU extractors, network stages) is pipeline.data.clip,
+which ``reactdiff generate`` runs on a new speaker clip too.
 """
 
 from __future__ import annotations
@@ -32,39 +36,35 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline import config as config_mod
 from pipeline import storage
-from pipeline.data import media as decode
-from pipeline.data.media import ClipError, audio_at, fit_frames, open_video, read_audio
+from pipeline import runtime
+from pipeline.data import react
+from pipeline.data.clip import (CLIP_FIELDS, ClipPlan, clip_row, decode_clip, network_stages, peak_rss_mb,
+                                to_batch, to_row)
 from pipeline.data.features import FeatureSet, load_feature_set
-from pipeline.data.publish import finalize, format_report
-from pipeline.data.snapshot import FORMAT, MANIFEST, Snapshot, SnapshotError, tensor_array
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.data import react
+from pipeline.data.media import ClipError, _short
+from pipeline.data.snapshot import (MEAN_FACE_MISSING, Bytes, ClipEntry, ColumnEntry, Counts, FeatureSetRecord, Manifest, Problem,
+                                    QuarantineEntry, Resources, Snapshot, SnapshotError, SnapshotWriter, Source,
+                                    SplitCounts, SplitEntry, Timings)
 
 log = logging.getLogger(__name__)
 
-# Row keys of a clip in the pipeline (the Clip's URIs get a _uri suffix: "emotion" and "tdmm"
-# are also the label feature columns).
-CLIP_FIELDS = {"clip_id": "clip_id", "split": "split", "site": "site", "session": "session", "role": "role",
-               "index": "index", "video_uri": "video", "video_format": "video_format",
-               "audio_uri": "audio", "emotion_uri": "emotion", "tdmm_uri": "tdmm"}
 # What every clip reports back to the driver (small: no features).
 SUMMARY_DEFAULTS: dict[str, Any] = {
     "clip_id": "", "split": "", "status": "ok", "stage": "", "error_uri": "", "reason": "",
     "content_hash": "", "num_frames": 0, "file": "", "bytes": 0, "column_bytes": "{}",
     "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
 }
-MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "Emotion", "tdmm": "3D_FV_files"}
 # Ray Data retries a map task whose worker died forever by default (max_retries=-1, and
 # max_task_retries=-1 for actor pools): a clip that kills its worker on every attempt (a decoder
 # segfault, out of memory) would hang the job. After this many retries the block fails, the job
@@ -125,21 +125,15 @@ class ExtractConfig:
 class Plan:
     """What every task needs (pickled into Ray tasks; extractors carry no weights yet)."""
 
-    snapshot_uri: str
-    root: str
-    features: FeatureSet
-    fps: float
-    frames: int | None
-    frame_tolerance: int
-    decode_chunk: int
-    compression_level: int
+    clip: ClipPlan               # how a clip becomes features
+    writer: SnapshotWriter       # where its file goes
 
 
 @dataclass
 class ExtractResult:
     snapshot: Snapshot | None       # None when not published (failure fraction above the limit)
     uri: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     published: bool
     report: str
 
@@ -150,20 +144,6 @@ class ExtractResult:
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: prepare (fingerprint, carry over, decode, CPU features)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this worker process so far (MB)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def clip_file(split: str, clip_id: str) -> str:
-    """Path of a clip's Parquet file inside the snapshot (mirrors the dataset layout)."""
-    return f"clips/{split}/{clip_id}.parquet"
 
 
 def fingerprint(row: dict[str, Any], root: str, modalities: list[str]) -> str:
@@ -190,132 +170,6 @@ def fingerprint(row: dict[str, Any], root: str, modalities: list[str]) -> str:
     return h.hexdigest()
 
 
-def _copy(src: str, dst: str) -> int:
-    """Copy one file (server-side on the same object store); returns its size."""
-    src_fs, src_path = storage.filesystem(src)
-    dst_fs, dst_path = storage.filesystem(dst)
-    if type(src_fs) is type(dst_fs) and storage.is_remote(src) == storage.is_remote(dst):
-        if not storage.is_remote(dst):
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-        src_fs.copy(src_path, dst_path)
-    else:
-        storage.write_bytes(dst, storage.read_bytes(src))
-    return storage.size(dst)
-
-
-def clip_row(clip: react.Clip) -> dict[str, Any]:
-    """A clip's row in the pipeline: its CLIP_FIELDS, a missing URI as ""."""
-    return {k: (getattr(clip, attr) or "") for k, attr in CLIP_FIELDS.items()}
-
-
-def _missing(plan: Plan, row: dict, modality: str) -> ClipError:
-    folder = MODALITY_FOLDERS[modality]
-    suffix = {"video": "" if row.get("video_format") == "png" else ".mp4", "audio": ".wav",
-              "emotion": ".csv", "tdmm": ".npy"}[modality]
-    expected = storage.join(plan.root, row["split"], folder, row["clip_id"] + suffix)
-    stage = {"video": "decode_video", "audio": "decode_audio"}.get(modality, "labels")
-    return ClipError(stage, expected, f"missing {modality} file (no {folder}/{row['clip_id']}{suffix} "
-                     "in the dataset)")
-
-
-def decode_clip(row: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    """Decode one clip and run the CPU extractors -> {column: [T, D]} plus network inputs.
-
-    Network inputs travel to the actor stages as ``_crops`` (uint8 [T, 224, 224, 3], only when
-    a facial network is in the set) and ``_audio_<rate>`` (float32 waveform).
-    """
-    opened: list = []
-    try:
-        return _decode_clip(row, plan, opened)
-    finally:
-        for video in opened:   # one reader per task, released even when a check fails
-            video.close()
-
-
-def _decode_clip(row: dict[str, Any], plan: Plan, opened: list) -> dict[str, Any]:
-    fs = plan.features
-    counts: dict[str, tuple[float, str]] = {}       # modality -> (frames, uri)
-    labels = {}
-    for e in fs.labels:
-        uri = row.get(f"{e.type}_uri")
-        if not uri:
-            raise _missing(plan, row, e.type)
-        arr = decode.read_emotion(uri) if e.type == "emotion" else decode.read_tdmm(uri)
-        labels[e] = e.label_features(arr)
-        counts[e.type] = (len(arr), uri)
-    video = audio = None
-    if fs.facial:
-        if not row.get("video_uri"):
-            raise _missing(plan, row, "video")
-        video = open_video(row["video_uri"], row.get("video_format") or "mp4")
-        opened.append(video)
-        if video.fps is not None and abs(video.fps - plan.fps) > 0.01 * plan.fps:
-            raise ClipError("decode_video", row["video_uri"], f"video is {video.fps:g} fps; expected "
-                            f"{plan.fps:g} (set fps, or re-encode the clip)")
-        counts["video"] = (video.num_frames, row["video_uri"])
-    if fs.acoustic:
-        if not row.get("audio_uri"):
-            raise _missing(plan, row, "audio")
-        audio = read_audio(row["audio_uri"])
-        counts["audio"] = (audio.seconds * plan.fps, row["audio_uri"])
-
-    # Frame count T: the configured one, else the video's, else the labels', else the audio's.
-    order = ("video", "emotion", "tdmm", "audio")
-    frames = plan.frames or next(int(round(counts[m][0])) for m in order if m in counts)
-    off = [m for m, (n, _) in counts.items()
-           if abs(n - frames) > plan.frame_tolerance + (0.5 if m == "audio" else 0)]
-    if off:
-        listing = ", ".join(f"{m} {c:.0f}" for m, (c, _) in counts.items())
-        # Name the odd file out: the only file whose count the clip's other files disagree on.
-        votes = Counter(int(round(c)) for c, _ in counts.values())
-        majority, agree = votes.most_common(1)[0]
-        odd = [m for m, (c, _) in counts.items() if int(round(c)) != majority]
-        modality = odd[0] if agree > 1 and len(odd) == 1 and not plan.frames else off[0]
-        n, uri = counts[modality]
-        have = f"{n:.1f}" if modality == "audio" else str(int(n))
-        if modality in odd and modality not in off:      # T came from this file: the others are off
-            reason = f"{modality} has {have} frames but the clip's other files have {majority}"
-        else:
-            reason = f"{modality} has {have} frames but the clip has {frames}"
-        raise ClipError("frames", uri, f"{reason} (tolerance {plan.frame_tolerance}; {listing})")
-
-    out: dict[str, Any] = {"num_frames": frames}
-    for e, arr in labels.items():
-        out[e.column] = fit_frames(arr, frames)
-    t_audio = time.perf_counter()
-    if audio is not None:
-        rates = {e.sample_rate(fs.sample_rate) for e in fs.acoustic}
-        # Resample from the file's own rate once per target rate (16 kHz for wav2vec2).
-        at_rate = {r: audio_at(audio, r) for r in rates}
-        for e in fs.acoustic:
-            rate = e.sample_rate(fs.sample_rate)
-            if e.network:
-                out[f"_audio_{rate}"] = at_rate[rate].samples
-            else:
-                out[e.column] = e.audio_features(at_rate[rate], frames, plan.fps)
-    out["audio_s"] = time.perf_counter() - t_audio
-    t_video = time.perf_counter()
-    if video is not None:
-        with video:
-            cpu = [e for e in fs.facial if not e.network]
-            parts: dict[Any, list] = {e: [] for e in cpu}
-            nets = [e for e in fs.facial if e.network]
-            crops_all = np.empty((video.num_frames, decode.CROP, decode.CROP, 3), np.uint8) if nets else None
-            start = 0
-            for crops in video.crops(plan.decode_chunk):
-                for e in cpu:
-                    parts[e].append(e.frame_features(crops))
-                if crops_all is not None:
-                    crops_all[start:start + len(crops)] = crops
-                start += len(crops)
-            for e in cpu:
-                out[e.column] = fit_frames(np.concatenate(parts[e]), frames)
-            if crops_all is not None:
-                out["_crops"] = fit_frames(crops_all, frames)
-    out["video_s"] = time.perf_counter() - t_video
-    return out
-
-
 def _one_thread_per_task() -> None:
     # Ray runs one task per CPU; torch's own thread pool on top would oversubscribe the cores.
     import torch
@@ -330,208 +184,29 @@ def prepare_clip(row: dict[str, Any], plan: Plan) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {**SUMMARY_DEFAULTS, **{k: row.get(k) or "" for k in CLIP_FIELDS}}
     try:
-        out["content_hash"] = fingerprint(row, plan.root, plan.features.modalities())
+        out["content_hash"] = fingerprint(row, plan.clip.root, plan.clip.features.modalities())
         if row.get("base_hash") and row["base_hash"] == out["content_hash"]:
-            rel = clip_file(row["split"], row["clip_id"])
             try:
-                size = _copy(row["base_file"], storage.join(plan.snapshot_uri, rel))
-                out.update(status="carried", file=rel, bytes=size, num_frames=int(row["base_frames"]),
+                copied = plan.writer.copy_clip(row["base_file"], row["split"], row["clip_id"])
+                out.update(status="carried", file=copied.file, bytes=copied.bytes, num_frames=int(row["base_frames"]),
                            column_bytes=row.get("base_column_bytes") or "{}")
             except Exception as exc:  # the previous snapshot lost the file: extract it again
                 log.warning("cannot carry %s over from the previous snapshot (%s); extracting it",
-                            row["clip_id"], decode._short(exc))
+                            row["clip_id"], _short(exc))
         if out["status"] != "carried":
-            out.update(decode_clip(row, plan))
+            out.update(decode_clip(row, plan.clip))
     except ClipError as exc:
         out.update(status="error", stage=exc.stage, error_uri=exc.uri, reason=exc.reason)
     except Exception as exc:  # anything unexpected in one clip must not stop the job
         out.update(status="error", stage="prepare", error_uri=row.get("video_uri") or row.get("audio_uri") or "",
-                   reason=decode._short(exc))
+                   reason=_short(exc))
     out["prepare_s"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages 2 and 3: networks in actor pools
-
-
-def pick_device(preference: str) -> str:
-    import torch
-
-    if preference == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if preference == "cuda":
-        raise RuntimeError("device: cuda but this worker has no CUDA device")
-    return "cpu"
-
-
-class NetworkStage:
-    """Actor: loads its networks once, then runs them on each clip's network inputs."""
-
-    def __init__(self, extractors, device: str, input_key: str):
-        import torch
-
-        self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.extractors, self.input_key = extractors, input_key
-        for e in extractors:
-            e.load(self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        row = _unbatch(batch)
-        inputs = row.pop(self.input_key, None)
-        if row["status"] != "ok" or inputs is None:
-            return _batch(row)
-        t0 = time.perf_counter()
-        self.current = self.extractors[0]
-        try:
-            self.apply(row, inputs)
-        except Exception as exc:
-            current = self.current
-            row.update(status="error", stage=f"extract:{current.name}",
-                       error_uri=row.get("video_uri") if current.kind == "facial" else row.get("audio_uri"),
-                       reason=decode._short(exc))
-        row["network_s"] = float(row.get("network_s", 0.0)) + time.perf_counter() - t0
-        row["peak_rss_mb"] = max(float(row.get("peak_rss_mb", 0.0)), peak_rss_mb())
-        return _batch(row)
-
-    def apply(self, row: dict[str, Any], inputs) -> None:
-        """Run the networks on one clip's inputs; their feature columns go into ``row``."""
-        for e, values in self.run(inputs, int(row["num_frames"])):
-            row[e.column] = values
-
-    def run(self, inputs, frames):
-        raise NotImplementedError
-
-
-class FacialNetworks(NetworkStage):
-    """TorchScript networks on 224 crops; the crops go to the device once for all networks."""
-
-    def __init__(self, extractors, device: str):
-        super().__init__(extractors, device, "_crops")
-
-    def run(self, crops, frames):
-        import torch
-
-        step = min(e.options.frame_batch for e in self.extractors)
-        outs: dict[Any, list] = {e: [] for e in self.extractors}
-        with torch.inference_mode():
-            for start in range(0, len(crops), step):
-                x01 = torch.from_numpy(np.ascontiguousarray(crops[start:start + step])).to(self.device)
-                x01 = x01.permute(0, 3, 1, 2).float().div_(255.0)
-                for e in self.extractors:
-                    self.current = e
-                    outs[e].append(e.forward(x01))
-        for e in self.extractors:
-            yield e, np.concatenate(outs[e])
-
-
-class AcousticNetworks(NetworkStage):
-    """wav2vec2 on the 16 kHz waveform."""
-
-    def __init__(self, extractors, device: str, rate: int):
-        super().__init__(extractors, device, f"_audio_{rate}")
-        self.rate = rate
-
-    def run(self, samples, frames):
-        audio = decode.Audio(np.asarray(samples, np.float32), self.rate, self.rate, 1)
-        for e in self.extractors:
-            self.current = e
-            yield e, e.audio_features(audio, frames, 0.0)
-
-
-def network_stages(features: FeatureSet) -> list[tuple[type[NetworkStage], dict[str, Any]]]:
-    """The network stages of a feature set in pipeline order, as (stage class, constructor
-    kwargs without ``device``); empty when no extractor of the set is a network."""
-    stages: list[tuple[type[NetworkStage], dict[str, Any]]] = []
-    facial = [e for e in features.facial if e.network]
-    if facial:
-        stages.append((FacialNetworks, {"extractors": facial}))
-    acoustic = [e for e in features.acoustic if e.network]
-    if acoustic:
-        stages.append((AcousticNetworks, {"extractors": acoustic,
-                                          "rate": acoustic[0].sample_rate(features.sample_rate)}))
-    return stages
-
-
-def extract_clip(clip: react.Clip, features: FeatureSet, *, fps: float = 25.0, frames: int | None = None,
-                 frame_tolerance: int = 2, decode_chunk: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
-    """One clip's features, in this process, by the job's own code path: ``decode_clip``
-    (decoding and CPU extractors), then each network stage. No snapshot is written.
-
-    Returns ``{column: [T, D]}`` for every extractor of ``features`` and ``"num_frames"`` (T,
-    an int). A bad clip raises :class:`ClipError` (stage, file, reason), the error the job
-    quarantines it with. Resolve the feature set (``FeatureSet.resolve``) beforehand, as the job
-    does; ``device`` is the network stages' (auto, cpu or cuda).
-    """
-    plan = Plan(snapshot_uri="", root="", features=features, fps=fps, frames=frames,
-                frame_tolerance=frame_tolerance, decode_chunk=decode_chunk, compression_level=3)
-    out = decode_clip(clip_row(clip), plan)
-    for cls, kwargs in network_stages(features):
-        stage = cls(**kwargs, device=device)
-        stage.apply(out, out.pop(stage.input_key))
-    return {**{e.column: out[e.column] for e in features.extractors}, "num_frames": int(out["num_frames"])}
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 4: write one Parquet file per clip
-
-
-def clip_table(row: dict[str, Any], plan: Plan):
-    """The one-row Arrow table of a clip (ids, frame count, sources, per-frame features)."""
-    import pyarrow as pa
-
-    frames = int(row["num_frames"])
-    cols: dict[str, Any] = {k: pa.array([str(row.get(k) or "")]) for k in ("clip_id", "split", "site",
-                                                                         "session", "role", "index")}
-    cols["num_frames"] = pa.array([frames], pa.int32())
-    cols["fps"] = pa.array([plan.fps], pa.float32())
-    for name in ("video_uri", "video_format", "audio_uri", "emotion_uri", "tdmm_uri", "content_hash"):
-        cols[name] = pa.array([storage.redact(str(row.get(name) or ""))])
-    for e in plan.features.extractors:
-        values = np.asarray(row[e.column])
-        if values.shape != (frames, e.width):
-            raise ValueError(f"{e.column} has shape {values.shape}; expected ({frames}, {e.width})")
-        values = values.astype(e.dtype, copy=False)
-        if not np.isfinite(values).all():
-            raise ClipError(f"extract:{e.name}", row.get("video_uri") if e.kind == "facial" else row.get("audio_uri"),
-                            f"{e.column} has NaN or infinite values"
-                            + (" (outside the float16 range?)" if e.dtype == "float16" else ""))
-        cols[e.column] = tensor_array(values)
-    meta = {"reactdiff": json.dumps({"format": FORMAT, "features": {c: list(s) for c, s in plan.features.specs.items()}})}
-    return pa.table(cols).replace_schema_metadata(meta)
-
-
-def write_clip(row: dict[str, Any], plan: Plan) -> tuple[str, int, dict[str, int]]:
-    """Write a clip's file; returns (relative path, bytes, compressed bytes per feature column)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = clip_table(row, plan)
-    features = [e.column for e in plan.features.extractors]
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table, sink, compression="zstd", compression_level=plan.compression_level,
-        # Byte-stream split puts the exponent bytes of neighbouring floats together: float16
-        # features compress ~35 % better than plain zstd. No dictionary/statistics on floats.
-        use_byte_stream_split=[f"{c}.list.element.list.element" for c in features],
-        use_dictionary=False, write_statistics=["clip_id", "split"],
-    )
-    data = sink.getvalue()
-    md = pq.read_metadata(pa.BufferReader(data))
-    per_column = {c: 0 for c in features}
-    rg = md.row_group(0)
-    for i in range(rg.num_columns):
-        top = rg.column(i).path_in_schema.split(".", 1)[0]
-        if top in per_column:
-            per_column[top] += rg.column(i).total_compressed_size
-    rel = clip_file(row["split"], row["clip_id"])
-    storage.write_bytes(storage.join(plan.snapshot_uri, rel), data.to_pybytes())
-    return rel, len(data), per_column
+# Stage 4: write one Parquet file per clip (stages 2 and 3, the networks: pipeline.data.clip)
 
 
 def write_stage(row: dict[str, Any], plan: Plan) -> dict[str, Any]:
@@ -540,49 +215,29 @@ def write_stage(row: dict[str, Any], plan: Plan) -> dict[str, Any]:
     if row["status"] == "ok":
         t0 = time.perf_counter()
         try:
-            rel, nbytes, per_column = write_clip(row, plan)
-            summary.update(file=rel, bytes=nbytes, column_bytes=json.dumps(per_column))
+            written = plan.writer.write_clip(row)
+            summary.update(file=written.file, bytes=written.bytes, column_bytes=json.dumps(written.column_bytes))
         except ClipError as exc:
             summary.update(status="error", stage=exc.stage, error_uri=exc.uri, reason=exc.reason)
         except Exception as exc:
-            summary.update(status="error", stage="write", error_uri=plan.snapshot_uri, reason=decode._short(exc))
+            summary.update(status="error", stage="write", error_uri=plan.writer.uri, reason=_short(exc))
         summary["write_s"] = time.perf_counter() - t0
     summary["peak_rss_mb"] = max(float(summary["peak_rss_mb"]), peak_rss_mb())
     return {k: type(SUMMARY_DEFAULTS[k])(summary[k]) for k in SUMMARY_DEFAULTS}
 
 
-# Ray Data UDF adapters: batch_size=1, numpy batches <-> one row dict.
-
-def _unbatch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    row = {}
-    for k, v in batch.items():
-        item = v[0]
-        row[k] = item.item() if isinstance(item, np.generic) else item
-    return row
-
-
-def _batch(row: dict[str, Any]) -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, np.ndarray):
-            out[k] = v[np.newaxis]
-        else:
-            out[k] = np.array([v])
-    return out
-
-
 def _prepare_batch(batch, plan: Plan):
-    return _batch(prepare_clip(_unbatch(batch), plan))
+    return to_batch(prepare_clip(to_row(batch), plan))
 
 
 def _write_batch(batch, plan: Plan):
-    return _batch(write_stage(_unbatch(batch), plan))
+    return to_batch(write_stage(to_row(batch), plan))
 
 
 def _prepare_and_write_batch(batch, plan: Plan):
     # Feature sets without networks: decode, extract and write in one task, so a clip's
     # features never pass through the object store.
-    return _batch(write_stage(prepare_clip(_unbatch(batch), plan), plan))
+    return to_batch(write_stage(prepare_clip(to_row(batch), plan), plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,7 +251,7 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
 
     # One row per block: a clip is the unit of parallelism, of retry and of failure.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    stages = network_stages(plan.features)
+    stages = network_stages(plan.clip.features)
     task_args = dict(batch_size=1, num_cpus=1, max_retries=TASK_RETRIES, fn_kwargs={"plan": plan})
     if not stages:
         ds = ds.map_batches(_prepare_and_write_batch, **task_args)
@@ -641,21 +296,18 @@ def _base_rows(base: Snapshot | None, fs_hash: str, root: str) -> dict[str, dict
         log.warning("incremental: snapshot %s has feature-set hash %s, this run %s: extracting every clip",
                     base.id, base.feature_set_hash[:8], fs_hash[:8])
         return {}
-    if base.manifest["source"]["uri"] != storage.redact(root):
+    if base.manifest.source.uri != storage.redact(root):
         log.warning("incremental: snapshot %s came from %s, this run reads %s: extracting every clip",
-                    base.id, base.manifest["source"]["uri"], storage.redact(root))
+                    base.id, base.manifest.source.uri, storage.redact(root))
         return {}
-    return {cid: {"base_hash": info["content_hash"], "base_split": info["split"],
-                  "base_file": storage.join(base.uri, info["file"]), "base_frames": int(info["num_frames"]),
-                  "base_column_bytes": json.dumps(info.get("column_bytes", {}))}
-            for cid, info in base.manifest["clips"].items()}
+    return {cid: {"base_hash": info.content_hash, "base_split": info.split,
+                  "base_file": storage.join(base.uri, info.file), "base_frames": int(info.num_frames),
+                  "base_column_bytes": json.dumps(info.column_bytes)}
+            for cid, info in base.manifest.clips.items()}
 
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction job; publishes ``<out>/<snapshot id>/`` unless too many clips failed."""
-    from pipeline import runtime
-    from pipeline.data import react
-
     started = time.time()
     t_plan = time.perf_counter()
     out_root = cfg.out or runtime.workspace().snapshots
@@ -685,8 +337,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     snapshot_id = new_snapshot_id(fs_hash, out_root)
     snapshot_uri = storage.join(out_root, snapshot_id)
     storage.makedirs(snapshot_uri)
-    plan = Plan(snapshot_uri, dataset.root, features, cfg.fps, cfg.frames, cfg.frame_tolerance,
-                cfg.decode_chunk, cfg.compression_level)
+    writer = SnapshotWriter(snapshot_uri, features.extractors, cfg.fps, cfg.compression_level)
+    plan = Plan(ClipPlan(features, cfg.fps, cfg.frames, cfg.frame_tolerance, cfg.decode_chunk, dataset.root), writer)
     rows = []
     for c in clips:
         row = clip_row(c)
@@ -718,18 +370,150 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                          "reason": "no result: the worker died on every retry (a decoder "
                                                    "crash or out of memory); see the Ray worker logs"}
     t_fin = time.perf_counter()
-    manifest = finalize(cfg, plan, dataset, splits, rows, summaries, features, fs_hash, base, snapshot_id,
-                        started, {"plan_s": plan_s, "pipeline_s": pipeline_s})
-    quarantined = manifest["counts"]["quarantined"]
-    fraction = quarantined / max(1, len(rows))
+    ok = {cid: summaries[cid] for cid in sorted(summaries) if summaries[cid]["status"] in ("ok", "carried")}
+    quarantine = [QuarantineEntry(s["clip_id"], s["split"], storage.redact(s["error_uri"]), s["stage"], s["reason"])
+                  for s in (summaries[r["clip_id"]] for r in rows) if s["status"] == "error"]
+    split_entries, problems, mean_face = write_tables(writer, dataset, splits, ok, quarantine)
+    manifest = Manifest(
+        id=snapshot_id, created_at=datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        source=Source(storage.redact(dataset.root), dataset.release, splits),
+        feature_set=FeatureSetRecord(features.name, fs_hash, features.source, features.raw,
+                                     features.describe(fps=cfg.fps, frames=cfg.frames), features.models()),
+        features={e.column: ColumnEntry(e.width, e.dtype, e.kind, e.name, e.type, e.needs_gpu)
+                  for e in features.extractors},
+        code=code_version(),
+        config={k: (storage.redact(v) if isinstance(v, str) else v) for k, v in asdict(cfg).items() if k != "models"},
+        incremental_from=base.id if base is not None else None,
+        splits=split_entries, quarantine=quarantine, problems=problems, mean_face=mean_face,
+        clips={cid: ClipEntry(s["split"], s["file"], int(s["bytes"]), int(s["num_frames"]), s["content_hash"],
+                              s["status"] == "carried", json.loads(s["column_bytes"] or "{}"))
+               for cid, s in ok.items()},
+    )
+    fill_statistics(manifest, summaries, considered=len(rows), plan_s=plan_s, pipeline_s=pipeline_s)
+    fraction = manifest.counts.quarantined / max(1, len(rows))
     published = fraction <= cfg.max_failure_fraction
-    manifest["timings"]["finalize_s"] = time.perf_counter() - t_fin
-    manifest["timings"]["total_s"] = time.time() - started
+    manifest.timings.finalize_s = time.perf_counter() - t_fin
+    manifest.timings.total_s = time.time() - started
     if published:
-        storage.write_json(storage.join(snapshot_uri, MANIFEST), manifest)   # publish: manifest last
+        snapshot = writer.publish(manifest)            # the manifest last
     else:
-        # Not published: no manifest, so neither `latest` nor training will ever read it.
-        storage.write_json(storage.join(snapshot_uri, "_report.json"), manifest)
+        snapshot = None                                # no manifest: never read
+        writer.write_report(manifest)
     report = format_report(manifest, published, cfg.max_failure_fraction)
-    snapshot = Snapshot.open(snapshot_uri) if published else None
     return ExtractResult(snapshot, snapshot_uri, manifest, published, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing: the driver's tables, statistics, the report
+
+
+def write_tables(writer: SnapshotWriter, dataset: react.ReactDataset, splits: list[str], ok: dict[str, dict],
+                 quarantine: list[QuarantineEntry]) -> tuple[dict[str, SplitEntry], list[Problem], bool]:
+    """Quarantine, items, neighbours and mean face; (split entries, dataset problems, has mean face)."""
+    writer.write_quarantine(quarantine)
+    entries: dict[str, SplitEntry] = {}
+    problems = []
+    for split in splits:
+        items = dataset.items(split)
+        available = [s.speaker in ok and s.listener in ok for s in items]
+        writer.write_items(split, items, available)
+        try:
+            matrix = dataset.neighbours(split)
+        except react.ReactLayoutError as exc:
+            problems.append(Problem(storage.redact(exc.uri), exc.reason))
+            matrix = None
+        if matrix is not None:
+            writer.write_neighbours(split, matrix)
+        entries[split] = SplitEntry(sorted(cid for cid, s in ok.items() if s["split"] == split), len(items),
+                                    int(sum(available)), matrix is not None,
+                                    sum(1 for q in quarantine if q.split == split))
+    mean_face = None
+    try:
+        mean_face = dataset.mean_face()
+    except react.ReactLayoutError as exc:
+        problems.append(Problem(storage.redact(exc.uri), exc.reason))
+    if mean_face is not None:
+        writer.write_mean_face(mean_face)
+    else:
+        log.warning(MEAN_FACE_MISSING)
+    return entries, problems, mean_face is not None
+
+
+def fill_statistics(manifest: Manifest, summaries: dict[str, dict[str, Any]], *, considered: int,
+                    plan_s: float, pipeline_s: float) -> None:
+    """Counts, bytes, timings and resources of the manifest, from its clips and every summary row."""
+    clips = list(manifest.clips.values())
+    carried = sum(1 for c in clips if c.carried)
+    frames_processed = sum(c.num_frames for c in clips if not c.carried)
+    total_frames = sum(c.num_frames for c in clips)
+    manifest.counts = Counts(
+        clips=len(clips), processed=len(clips) - carried, carried=carried, quarantined=len(manifest.quarantine),
+        considered=considered, frames=total_frames, frames_processed=frames_processed,
+        per_split={s: SplitCounts(len(v.clips), v.quarantined) for s, v in manifest.splits.items()})
+    sizes = [c.bytes for c in clips]
+    column_bytes: dict[str, list[int]] = {}
+    for c in clips:
+        for col, n in c.column_bytes.items():
+            column_bytes.setdefault(col, []).append(int(n))
+    manifest.bytes = Bytes(total=sum(sizes), per_clip_mean=(sum(sizes) / len(sizes)) if sizes else 0,
+                           per_clip_max=max(sizes) if sizes else 0,
+                           per_frame_mean=(sum(sizes) / total_frames) if total_frames else 0,
+                           per_column_per_clip_mean={c: sum(v) / len(v) for c, v in column_bytes.items()})
+    rows = summaries.values()
+    manifest.timings = Timings(
+        plan_s=plan_s, pipeline_s=pipeline_s,
+        frames_per_s=frames_processed / pipeline_s if pipeline_s > 0 and manifest.counts.processed else 0.0,
+        **{f"{stage}_s_sum": sum(float(s[f"{stage}_s"]) for s in rows)
+           for stage in ("prepare", "video", "audio", "network", "write")})
+    manifest.resources = Resources(max((float(s["peak_rss_mb"]) for s in rows), default=0.0))
+
+
+def code_version() -> dict[str, Any]:
+    import reactdiff
+
+    commit = None
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        if res.returncode == 0:
+            commit = res.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {"reactdiff": reactdiff.__version__, "git_commit": commit}
+    for name in ("ray", "torch", "torchaudio", "pyarrow", "decord"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            versions[name] = None
+    return versions
+
+
+def format_report(manifest: Manifest, published: bool, max_failure_fraction: float) -> str:
+    """The summary table printed at the end of the job."""
+    c, t, b = manifest.counts, manifest.timings, manifest.bytes
+    lines = [f"snapshot {manifest.id}  feature set {manifest.feature_set.name} ({manifest.feature_set.hash[:8]})"]
+    lines.append(f"  {'split':<8}{'clips':>8}{'processed':>11}{'carried':>9}{'quarantined':>13}")
+    carried_by_split = Counter(info.split for info in manifest.clips.values() if info.carried)
+    for split, info in manifest.splits.items():
+        n, car = len(info.clips), carried_by_split.get(split, 0)
+        lines.append(f"  {split:<8}{n:>8}{n - car:>11}{car:>9}{info.quarantined:>13}")
+    lines.append(f"  {'total':<8}{c.clips:>8}{c.processed:>11}{c.carried:>9}{c.quarantined:>13}")
+    lines += [f"  warning: {w}" for w in manifest.warnings]
+    lines.append(f"  time {t.total_s:.1f} s (pipeline {t.pipeline_s:.1f} s), "
+                 f"{t.frames_per_s:.0f} frames/s extracted, {b.per_clip_mean / 1e6:.2f} MB per clip "
+                 f"({b.total / 1e6:.1f} MB in all), peak worker RSS {manifest.resources.peak_worker_rss_mb:.0f} MB")
+    if manifest.quarantine:
+        lines.append("  quarantined clips:")
+        for q in manifest.quarantine[:20]:
+            lines.append(f"    {q.clip_id} [{q.split}] {q.stage}: {q.reason}  ({q.uri})")
+        if len(manifest.quarantine) > 20:
+            lines.append(f"    ... {len(manifest.quarantine) - 20} more in quarantine/quarantine.parquet")
+    fraction = c.quarantined / max(1, c.considered)
+    if published:
+        lines.append(f"  published (manifest written); {fraction:.1%} quarantined "
+                     f"(limit {max_failure_fraction:.1%})")
+    else:
+        lines.append(f"  NOT published: {fraction:.1%} of clips quarantined, above max_failure_fraction "
+                     f"{max_failure_fraction:.1%}. Fix the inputs (see _report.json) or raise the limit "
+                     "with --set max_failure_fraction=...")
+    return "\n".join(lines)

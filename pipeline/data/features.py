@@ -45,7 +45,8 @@ import numpy as np
 from pipeline import config as config_mod
 from pipeline import storage
 from pipeline.data.media import CROP, Audio, fit_frames
-from pipeline.data.snapshot import FeatureSpec
+from pipeline.data.react import FPS
+from pipeline.data.snapshot import FeatureSpec, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -699,7 +700,7 @@ def feature_set_from_dict(data: dict[str, Any], models: dict[str, str] | None = 
     return FeatureSet(str(data.get("name", default_name)), extractors, rate, source, data)
 
 
-def feature_set_from_manifest(manifest: dict[str, Any], models: dict[str, str] | None = None,
+def feature_set_from_manifest(manifest: Manifest, models: dict[str, str] | None = None,
                               ) -> tuple[FeatureSet, dict[str, Any]]:
     """The feature set a snapshot was extracted with, rebuilt from its manifest, and the job's
     policy ``{fps, frames, frame_tolerance, decode_chunk}`` (the keyword arguments of
@@ -708,26 +709,24 @@ def feature_set_from_manifest(manifest: dict[str, Any], models: dict[str, str] |
     Network extractors use the model files the extraction recorded, unless ``models``
     (extractor name -> URI) names others. Nothing is resolved here (``Extractor.resolve`` reads
     model files): resolve the extractors you use, and compare their ``describe()`` with
-    ``manifest["feature_set"]["resolved"]["extractors"]``.
+    ``manifest.feature_set.resolved["extractors"]``.
     """
-    from pipeline.data.react import FPS
-
-    recorded = manifest["feature_set"]
-    extractors = recorded.get("config", {}).get("extractors", {})
-    uris = {name: info.get("uri") for name, info in (recorded.get("models") or {}).items()
+    recorded = manifest.feature_set
+    extractors = recorded.config.get("extractors", {})
+    uris = {name: info.get("uri") for name, info in recorded.models.items()
             if info.get("uri") and name in extractors}
     uris.update(models or {})
-    features = feature_set_from_dict(recorded["config"], uris, source=recorded.get("source", ""),
-                                     default_name=recorded.get("name", "snapshot"))
+    features = feature_set_from_dict(recorded.config, uris, source=recorded.source,
+                                     default_name=recorded.name or "snapshot")
     # Pin every model file to the sha256 the extraction recorded, so a file replaced since then is
     # refused by _read_model before anything loads it (TorchScript runs code; resolve() may load
     # it to probe its width before the caller compares descriptions).
     for e in features.extractors:
-        pinned = (recorded.get("models") or {}).get(e.name, {}).get("sha256")
+        pinned = recorded.models.get(e.name, {}).get("sha256")
         if e.uri and pinned:
             e.sha256 = pinned
-    policy = recorded.get("resolved", {}).get("policy") or {}
-    extract_cfg = manifest.get("config", {})
+    policy = recorded.resolved.get("policy") or {}
+    extract_cfg = manifest.config
     policy = {"fps": float(policy.get("fps", extract_cfg.get("fps", FPS))),
               "frames": policy.get("frames", extract_cfg.get("frames")),
               "frame_tolerance": int(extract_cfg.get("frame_tolerance", 2)),

@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.media import ClipError
+from pipeline.data.react import Item
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.data.features import Extractor
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,193 @@ class FeatureSpec(NamedTuple):
     kind: str
 
 
+MEAN_FACE_MISSING = ("the dataset root has no mean_face.npy: 3DMM targets stay absolute FaceVerse coefficients "
+                     "(the reference subtracts the REACT baseline's mean face); copy mean_face.npy into the "
+                     "dataset root and re-extract to train as the paper does")
+
+
 # ---------------------------------------------------------------------------------------------
-# Parquet representation (shared with the writer in pipeline/data/extract.py)
+# The manifest: what the snapshot holds, typed. On disk it is ``_manifest.json`` with exactly
+# these keys (nested dataclasses are nested JSON objects); reading takes the known keys of a
+# mapping and leaves missing ones at their defaults, so older and hand-written manifests open.
+
+
+def _record(cls, data: dict[str, Any] | None):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+@dataclass
+class Source:
+    uri: str = ""               # the REACT dataset root (redacted)
+    release: str = ""           # 2023 | 2024
+    splits: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FeatureSetRecord:
+    """The feature set the snapshot was extracted with: its YAML, resolved description and hash."""
+
+    name: str = ""
+    hash: str = ""              # FeatureSet.hash(fps, frames): equal hashes, equal numbers
+    source: str = ""            # the YAML it was loaded from
+    config: dict[str, Any] = field(default_factory=dict)       # the YAML as read
+    resolved: dict[str, Any] = field(default_factory=dict)     # FeatureSet.describe(fps, frames)
+    models: dict[str, dict[str, str]] = field(default_factory=dict)   # extractor -> {uri, sha256}
+
+
+@dataclass
+class ColumnEntry:
+    """One per-frame feature column: [T, width] of dtype."""
+
+    width: int
+    dtype: str
+    kind: str                   # facial | acoustic | label
+    extractor: str = ""
+    type: str = ""
+    needs_gpu: bool = False
+
+
+@dataclass
+class SplitCounts:
+    clips: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class Counts:
+    clips: int = 0              # in the snapshot (processed + carried)
+    processed: int = 0          # extracted by this run
+    carried: int = 0            # copied over unchanged from --incremental-from
+    quarantined: int = 0
+    considered: int = 0
+    frames: int = 0
+    frames_processed: int = 0
+    per_split: dict[str, SplitCounts] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "Counts":
+        counts = _record(cls, data)
+        counts.per_split = {s: _record(SplitCounts, v) for s, v in (counts.per_split or {}).items()}
+        return counts
+
+
+@dataclass
+class SplitEntry:
+    clips: list[str] = field(default_factory=list)    # extracted clip ids, sorted
+    items: int = 0
+    items_available: int = 0    # items whose speaker and listener were both extracted
+    neighbours: bool = False    # neighbours/<split>.npy exists
+    quarantined: int = 0
+
+
+@dataclass
+class ClipEntry:
+    split: str
+    file: str                   # clips/<split>/<clip_id>.parquet
+    bytes: int = 0
+    num_frames: int = 0
+    content_hash: str = ""      # fingerprint of the source files: --incremental-from reuses the clip if equal
+    carried: bool = False       # copied from the base snapshot, not extracted again
+    column_bytes: dict[str, int] = field(default_factory=dict)   # compressed bytes per feature column
+
+
+@dataclass
+class QuarantineEntry:
+    clip_id: str
+    split: str
+    uri: str                    # the file at fault (redacted)
+    stage: str                  # decode_video, decode_audio, labels, frames, extract:<name>, write, worker
+    reason: str
+
+
+@dataclass
+class Problem:
+    uri: str
+    reason: str
+
+
+@dataclass
+class Bytes:
+    total: int = 0
+    per_clip_mean: float = 0
+    per_clip_max: int = 0
+    per_frame_mean: float = 0
+    per_column_per_clip_mean: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    """Seconds: the driver's phases, frames/s of the pipeline, and the clips' stage times summed."""
+
+    plan_s: float = 0.0
+    pipeline_s: float = 0.0
+    finalize_s: float = 0.0
+    total_s: float = 0.0
+    frames_per_s: float = 0.0
+    prepare_s_sum: float = 0.0
+    video_s_sum: float = 0.0
+    audio_s_sum: float = 0.0
+    network_s_sum: float = 0.0
+    write_s_sum: float = 0.0
+
+
+@dataclass
+class Resources:
+    peak_worker_rss_mb: float = 0.0
+
+
+@dataclass
+class Manifest:
+    """``_manifest.json``: written last, so a snapshot folder without it is never read."""
+
+    id: str
+    format: str = FORMAT
+    created_at: str = ""        # ISO UTC time the extraction started
+    source: Source = field(default_factory=Source)
+    feature_set: FeatureSetRecord = field(default_factory=FeatureSetRecord)
+    features: dict[str, ColumnEntry] = field(default_factory=dict)   # in feature-set order
+    code: dict[str, Any] = field(default_factory=dict)       # package versions and git commit
+    config: dict[str, Any] = field(default_factory=dict)     # the ExtractConfig (redacted)
+    incremental_from: str | None = None                       # id of the base snapshot
+    counts: Counts = field(default_factory=Counts)
+    splits: dict[str, SplitEntry] = field(default_factory=dict)
+    clips: dict[str, ClipEntry] = field(default_factory=dict)          # by clip id, sorted
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)    # dataset files that could not be used
+    mean_face: bool = False     # mean_face.npy is in the snapshot
+    bytes: Bytes = field(default_factory=Bytes)
+    timings: Timings = field(default_factory=Timings)
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [] if self.mean_face else [MEAN_FACE_MISSING]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        get = data.get
+        m = _record(cls, {k: v for k, v in data.items() if not isinstance(v, (dict, list))})
+        m.source = _record(Source, get("source"))
+        m.feature_set = _record(FeatureSetRecord, get("feature_set"))
+        m.features = {c: _record(ColumnEntry, f) for c, f in (get("features") or {}).items()}
+        m.code, m.config = dict(get("code") or {}), dict(get("config") or {})
+        m.counts = Counts.from_json(get("counts"))
+        m.splits = {s: _record(SplitEntry, v) for s, v in (get("splits") or {}).items()}
+        m.clips = {c: _record(ClipEntry, v) for c, v in (get("clips") or {}).items()}
+        m.quarantine = [_record(QuarantineEntry, q) for q in get("quarantine") or []]
+        m.problems = [_record(Problem, p) for p in get("problems") or []]
+        m.bytes = _record(Bytes, get("bytes"))
+        m.timings = _record(Timings, get("timings"))
+        m.resources = _record(Resources, get("resources"))
+        return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet representation
 
 
 def tensor_array(values: np.ndarray):
@@ -110,12 +302,12 @@ def tensor_columns_to_numpy(table, columns, dtype=None) -> dict[str, Any]:
 class Snapshot:
     """A complete (manifest-bearing) feature snapshot. Build with :meth:`open` or :meth:`latest`."""
 
-    def __init__(self, uri: str, manifest: dict[str, Any]):
+    def __init__(self, uri: str, manifest: Manifest):
         self.uri = uri.rstrip("/") if storage.is_remote(uri) else uri
         self.manifest = manifest
 
     def __repr__(self) -> str:
-        return f"Snapshot({self.id!r}, clips={len(self.manifest.get('clips', {}))}, uri={storage.redact(self.uri)!r})"
+        return f"Snapshot({self.id!r}, clips={len(self.manifest.clips)}, uri={storage.redact(self.uri)!r})"
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -124,7 +316,7 @@ class Snapshot:
         """Open a published snapshot; raises :class:`SnapshotError` if it has no manifest."""
         manifest_uri = storage.join(uri, MANIFEST)
         try:
-            manifest = storage.read_json(manifest_uri)
+            data = storage.read_json(manifest_uri)
         except FileNotFoundError:
             if storage.exists(uri):
                 raise SnapshotError(f"{storage.redact(uri)} has no {MANIFEST}: the snapshot is incomplete "
@@ -133,10 +325,10 @@ class Snapshot:
             raise SnapshotError(f"snapshot {storage.redact(uri)} not found") from None
         except json.JSONDecodeError as exc:
             raise SnapshotError(f"{storage.redact(manifest_uri)} is not valid JSON ({exc})") from None
-        if manifest.get("format") != FORMAT:
+        if data.get("format") != FORMAT:
             raise SnapshotError(f"{storage.redact(manifest_uri)}: unknown snapshot format "
-                                f"{manifest.get('format')!r} (this code reads {FORMAT})")
-        return cls(uri, manifest)
+                                f"{data.get('format')!r} (this code reads {FORMAT})")
+        return cls(uri, Manifest.from_json(data))
 
     @classmethod
     def list_ids(cls, root: str) -> list[str]:
@@ -171,17 +363,16 @@ class Snapshot:
 
     @property
     def id(self) -> str:
-        return self.manifest["id"]
+        return self.manifest.id
 
     @property
     def feature_set_hash(self) -> str:
-        return self.manifest["feature_set"]["hash"]
+        return self.manifest.feature_set.hash
 
     @property
     def features(self) -> dict[str, FeatureSpec]:
         """column -> FeatureSpec(width, dtype, kind), in feature-set order."""
-        return {name: FeatureSpec(int(f["width"]), f["dtype"], f["kind"])
-                for name, f in self.manifest["features"].items()}
+        return {name: FeatureSpec(int(f.width), f.dtype, f.kind) for name, f in self.manifest.features.items()}
 
     def _of_kind(self, kind: str) -> dict[str, int]:
         return {name: spec.width for name, spec in self.features.items() if spec.kind == kind}
@@ -200,21 +391,21 @@ class Snapshot:
 
     @property
     def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
+        return list(self.manifest.splits)
 
     def clip_ids(self, split: str | None = None) -> list[str]:
         """Extracted (non-quarantined) clip ids, sorted."""
         if split is None:
-            return sorted(self.manifest["clips"])
+            return sorted(self.manifest.clips)
         self._check_split(split)
-        return list(self.manifest["splits"][split]["clips"])
+        return list(self.manifest.splits[split].clips)
 
-    def quarantine(self) -> list[dict[str, str]]:
+    def quarantine(self) -> list[QuarantineEntry]:
         """One record per rejected clip: clip_id, split, uri, stage, reason."""
-        return list(self.manifest.get("quarantine", []))
+        return list(self.manifest.quarantine)
 
     def _check_split(self, split: str) -> None:
-        if split not in self.manifest["splits"]:
+        if split not in self.manifest.splits:
             raise SnapshotError(f"snapshot {self.id} has no split {split!r} (splits: {', '.join(self.splits)})")
 
     def _columns(self, columns) -> list[str]:
@@ -230,13 +421,13 @@ class Snapshot:
 
     def _file(self, clip_id: str) -> str:
         try:
-            return storage.join(self.uri, self.manifest["clips"][clip_id]["file"])
+            return storage.join(self.uri, self.manifest.clips[clip_id].file)
         except KeyError:
-            quarantined = {q["clip_id"]: q for q in self.quarantine()}
+            quarantined = {q.clip_id: q for q in self.quarantine()}
             if clip_id in quarantined:
                 q = quarantined[clip_id]
                 raise SnapshotError(f"clip {clip_id} was quarantined in snapshot {self.id}: "
-                                    f"{q['stage']}: {q['reason']}") from None
+                                    f"{q.stage}: {q.reason}") from None
             raise SnapshotError(f"snapshot {self.id} has no clip {clip_id!r}") from None
 
     # -- reading ------------------------------------------------------------------------------
@@ -262,11 +453,11 @@ class Snapshot:
         splits = self.splits if splits is None else ([splits] if isinstance(splits, str) else list(splits))
         for s in splits:
             self._check_split(s)
-        ids = sorted(c for s in splits for c in self.manifest["splits"][s]["clips"])
+        ids = sorted(c for s in splits for c in self.manifest.splits[s].clips)
         if not ids:
             raise SnapshotError(f"snapshot {self.id} has no clips in {', '.join(splits)}")
         meta = list(META_COLUMNS) if with_meta else ["clip_id", "split", "num_frames"]
-        files = [{"file": self.manifest["clips"][c]["file"]} for c in ids]
+        files = [{"file": self.manifest.clips[c].file} for c in ids]
         per_block = max(1, int(clips_per_block))
         ds = ray.data.from_items(files, override_num_blocks=max(1, -(-len(files) // per_block)))
         if ordered:
@@ -297,8 +488,6 @@ class Snapshot:
         """The split's directed items in the official order (pipeline.data.react.Item)."""
         import pyarrow.parquet as pq
 
-        from pipeline.data.react import Item
-
         self._check_split(split)
         fs, path = storage.arrow_filesystem(storage.join(self.uri, "items", f"{split}.parquet"))
         table = pq.read_table(path, filesystem=fs)
@@ -309,7 +498,7 @@ class Snapshot:
     def neighbours(self, split: str) -> np.ndarray:
         """[2L, 2L] uint8 appropriate-neighbour matrix in item order."""
         self._check_split(split)
-        if not self.manifest["splits"][split].get("neighbours"):
+        if not self.manifest.splits[split].neighbours:
             raise SnapshotError(f"snapshot {self.id} has no neighbour matrix for {split} (the dataset had "
                                 "neither neighbour_emotion_<split>.npy nor data_indices.csv + "
                                 "Approprirate_facial_reaction.npy)")
@@ -317,9 +506,153 @@ class Snapshot:
 
     def mean_face(self) -> np.ndarray | None:
         """[58] float32 mean 3DMM face, when the dataset had ``mean_face.npy``."""
-        if not self.manifest.get("mean_face"):
+        if not self.manifest.mean_face:
             return None
         return storage.read_npy(storage.join(self.uri, "mean_face.npy")).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+
+def clip_file(split: str, clip_id: str) -> str:
+    """Path of a clip's Parquet file inside the snapshot (mirrors the dataset layout)."""
+    return f"clips/{split}/{clip_id}.parquet"
+
+
+@dataclass
+class ClipFile:
+    """What writing one clip file produced (for its ClipEntry)."""
+
+    file: str
+    bytes: int
+    column_bytes: dict[str, int]
+
+
+@dataclass
+class SnapshotWriter:
+    """Writes one snapshot folder: clip files (in Ray tasks: it pickles), then quarantine,
+    items, neighbours and mean face, and :meth:`publish` writes the manifest last."""
+
+    uri: str
+    extractors: list[Extractor]     # the feature set's, in column order
+    fps: float
+    compression_level: int = 3      # zstd level of the Parquet files
+
+    def _path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    def _arrow_path(self, *parts: str):
+        fs, path = storage.arrow_filesystem(self._path(*parts))
+        if not storage.is_remote(self.uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return fs, path
+
+    # -- clips (one task per clip) -------------------------------------------------------------
+
+    def clip_table(self, row: dict[str, Any]):
+        """The one-row Arrow table of a clip (ids, frame count, sources, per-frame features)."""
+        import pyarrow as pa
+
+        frames = int(row["num_frames"])
+        cols: dict[str, Any] = {k: pa.array([str(row.get(k) or "")]) for k in ID_COLUMNS}
+        cols["num_frames"] = pa.array([frames], pa.int32())
+        cols["fps"] = pa.array([self.fps], pa.float32())
+        for name in META_COLUMNS[len(ID_COLUMNS) + 2:]:
+            cols[name] = pa.array([storage.redact(str(row.get(name) or ""))])
+        for e in self.extractors:
+            values = np.asarray(row[e.column])
+            if values.shape != (frames, e.width):
+                raise ValueError(f"{e.column} has shape {values.shape}; expected ({frames}, {e.width})")
+            values = values.astype(e.dtype, copy=False)
+            if not np.isfinite(values).all():
+                raise ClipError(f"extract:{e.name}", row.get("video_uri") if e.kind == "facial" else row.get("audio_uri"),
+                                f"{e.column} has NaN or infinite values"
+                                + (" (outside the float16 range?)" if e.dtype == "float16" else ""))
+            cols[e.column] = tensor_array(values)
+        meta = {"reactdiff": json.dumps({"format": FORMAT, "features": {e.column: list(e.spec) for e in self.extractors}})}
+        return pa.table(cols).replace_schema_metadata(meta)
+
+    def write_clip(self, row: dict[str, Any]) -> ClipFile:
+        """Write a clip's file (a retry overwrites it: the name is the clip's)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = self.clip_table(row)
+        features = [e.column for e in self.extractors]
+        sink = pa.BufferOutputStream()
+        pq.write_table(
+            table, sink, compression="zstd", compression_level=self.compression_level,
+            # Byte-stream split puts the exponent bytes of neighbouring floats together: float16
+            # features compress ~35 % better than plain zstd. No dictionary/statistics on floats.
+            use_byte_stream_split=[f"{c}.list.element.list.element" for c in features],
+            use_dictionary=False, write_statistics=["clip_id", "split"],
+        )
+        data = sink.getvalue()
+        md = pq.read_metadata(pa.BufferReader(data))
+        per_column = {c: 0 for c in features}
+        rg = md.row_group(0)
+        for i in range(rg.num_columns):
+            top = rg.column(i).path_in_schema.split(".", 1)[0]
+            if top in per_column:
+                per_column[top] += rg.column(i).total_compressed_size
+        rel = clip_file(row["split"], row["clip_id"])
+        storage.write_bytes(self._path(rel), data.to_pybytes())
+        return ClipFile(rel, len(data), per_column)
+
+    def copy_clip(self, src: str, split: str, clip_id: str) -> ClipFile:
+        """Carry a clip file over from another snapshot (server-side on the same object store);
+        its column sizes are the base snapshot's, so they are left empty here."""
+        rel = clip_file(split, clip_id)
+        dst = self._path(rel)
+        src_fs, src_path = storage.filesystem(src)
+        dst_fs, dst_path = storage.filesystem(dst)
+        if type(src_fs) is type(dst_fs) and storage.is_remote(src) == storage.is_remote(dst):
+            if not storage.is_remote(dst):
+                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            src_fs.copy(src_path, dst_path)
+        else:
+            storage.write_bytes(dst, storage.read_bytes(src))
+        return ClipFile(rel, storage.size(dst), {})
+
+    # -- the driver's tables, then the manifest ------------------------------------------------
+
+    def write_quarantine(self, entries: list[QuarantineEntry]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, path = self._arrow_path("quarantine", "quarantine.parquet")
+        names = [f.name for f in fields(QuarantineEntry)]
+        schema = pa.schema([(k, pa.string()) for k in names])
+        pq.write_table(pa.Table.from_pylist([asdict(q) for q in entries], schema=schema), path, filesystem=fs)
+
+    def write_items(self, split: str, items: list[Item], available: list[bool]) -> None:
+        """The split's directed items in the official order; ``available``: both clips extracted."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"item": pa.array([i.index for i in items], pa.int32()),
+                          "speaker": [i.speaker for i in items], "listener": [i.listener for i in items],
+                          "mirrored": [i.mirrored for i in items], "available": available})
+        fs, path = self._arrow_path("items", f"{split}.parquet")
+        pq.write_table(table, path, filesystem=fs)
+
+    def write_neighbours(self, split: str, matrix: np.ndarray) -> None:
+        storage.write_npy(self._path("neighbours", f"{split}.npy"), matrix.astype(np.uint8))
+
+    def write_mean_face(self, mean_face: np.ndarray) -> None:
+        storage.write_npy(self._path("mean_face.npy"), mean_face.astype(np.float32))
+
+    def publish(self, manifest: Manifest) -> Snapshot:
+        """Write ``_manifest.json``, the last file: from now on the snapshot exists."""
+        storage.write_json(self._path(MANIFEST), manifest.to_json())
+        return Snapshot.open(self.uri)
+
+    def write_report(self, manifest: Manifest) -> None:
+        """Not published: the same record as ``_report.json``, so neither ``latest`` nor training
+        ever reads the folder."""
+        storage.write_json(self._path("_report.json"), manifest.to_json())
+
 
 
 def _read_clip_files(batch, root: str, columns: list[str], tensors: tuple[str, ...], dtype):

@@ -248,7 +248,8 @@ def test_inspect_exit_codes(synth_2024, copy_dataset, tmp_path, capsys):
 
 def test_missing_mean_face_is_said_by_inspect_and_the_extraction_report(synth_2024, copy_dataset, capsys):
     """Without mean_face.npy the 3DMM targets stay absolute: say so instead of training silently."""
-    from pipeline.data.publish import format_report
+    from pipeline.data.extract import format_report
+    from pipeline.data.snapshot import Manifest
 
     root = copy_dataset(synth_2024[0])
     assert cli(["inspect", "--data", str(root)]) == 0
@@ -261,9 +262,9 @@ def test_missing_mean_face_is_said_by_inspect_and_the_extraction_report(synth_20
                 "timings": {"total_s": 1.0, "pipeline_s": 1.0, "frames_per_s": 1.0},
                 "bytes": {"per_clip_mean": 1.0, "total": 1.0}, "resources": {"peak_worker_rss_mb": 1.0},
                 "quarantine": [], "mean_face": False}
-    report = format_report(manifest, True, 0.5)
+    report = format_report(Manifest.from_json(manifest), True, 0.5)
     assert "no mean_face.npy" in report
-    assert "no mean_face.npy" not in format_report({**manifest, "mean_face": True}, True, 0.5)
+    assert "no mean_face.npy" not in format_report(Manifest.from_json({**manifest, "mean_face": True}), True, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,7 @@ def write_tiny_snapshot(root: str, snapshot_id: str = "20260101T000000Z-tiny", d
     import pyarrow.parquet as pq
 
     from pipeline import storage
-    from pipeline.data.extract import clip_file
-    from pipeline.data.snapshot import FORMAT, MANIFEST, tensor_array
+    from pipeline.data.snapshot import FORMAT, MANIFEST, clip_file, tensor_array
 
     rng = np.random.default_rng(seed)
     uri = storage.join(root, snapshot_id)

@@ -41,13 +41,13 @@ def test_demo_snapshot_rows_items_and_readers(demo, synth_root):
     dataset = react.open_dataset(synth_root)
     snap = Snapshot.open(demo.uri)
     m = snap.manifest
-    assert m["counts"]["clips"] == m["counts"]["processed"] == 8 and m["counts"]["quarantined"] == 0
+    assert m.counts.clips == m.counts.processed == 8 and m.counts.quarantined == 0
     assert snap.facial == {"video_pixels": 1024} and snap.acoustic == {"audio_mfcc26": 26}
     assert snap.labels == {"emotion": 25, "tdmm": 58}
     assert snap.features["video_pixels"] == (1024, "float16", "facial")
-    assert Snapshot.latest(os.path.dirname(demo.uri)).id == snap.id == m["id"]
-    assert m["feature_set"]["hash"].startswith(m["id"].split("-")[1])
-    assert m["code"]["reactdiff"] and m["source"]["uri"] == synth_root
+    assert Snapshot.latest(os.path.dirname(demo.uri)).id == snap.id == m.id
+    assert m.feature_set.hash.startswith(m.id.split("-")[1])
+    assert m.code["reactdiff"] and m.source.uri == synth_root
 
     for split in ("train", "val", "test"):
         assert snap.items(split) == dataset.items(split)                       # official order
@@ -77,13 +77,13 @@ def test_demo_snapshot_rows_items_and_readers(demo, synth_root):
     assert not np.allclose(other, loaded["audio_mfcc26"])
 
     # Files: one per clip, compact per-frame tensors, bytes recorded in the manifest.
-    info = m["clips"][clip.clip_id]
-    path = os.path.join(demo.uri, info["file"])
-    assert info["bytes"] == os.path.getsize(path) > 0 and info["num_frames"] == 50
+    info = m.clips[clip.clip_id]
+    path = os.path.join(demo.uri, info.file)
+    assert info.bytes == os.path.getsize(path) > 0 and info.num_frames == 50
     schema = pq.read_schema(path)
     assert str(schema.field("video_pixels").type) == "list<element: fixed_size_list<element: halffloat>[1024]>"
-    assert m["bytes"]["per_clip_mean"] > 0 and set(m["bytes"]["per_column_per_clip_mean"]) == set(DEMO_COLUMNS)
-    assert m["timings"]["frames_per_s"] > 0
+    assert m.bytes.per_clip_mean > 0 and set(m.bytes.per_column_per_clip_mean) == set(DEMO_COLUMNS)
+    assert m.timings.frames_per_s > 0
     assert "total" in demo.report and "published" in demo.report
 
 
@@ -93,7 +93,7 @@ def test_s3_input_and_output_give_the_same_features(demo, synth_root, s3, ray_lo
     fs.put(local, [base + "/" + os.path.relpath(p, synth_root) for p in local])
     result = run(s3.uri("data"), s3.uri("snapshots"), splits=["train", "val"])
     assert result.published, result.report
-    snap = Snapshot.open(s3.uri("snapshots", result.manifest["id"]))
+    snap = Snapshot.open(s3.uri("snapshots", result.manifest.id))
     assert snap.uri.startswith("s3://") and snap.splits == ["train", "val"]
     assert Snapshot.latest(s3.uri("snapshots")).id == snap.id
     local = Snapshot.open(demo.uri)
@@ -107,14 +107,14 @@ def test_s3_input_and_output_give_the_same_features(demo, synth_root, s3, ray_lo
     rows = snap.clips_dataset(["audio_mfcc26"], splits="val").take_all()
     assert [r["clip_id"] for r in rows] == snap.clip_ids("val")
     assert snap.items("val") == local.items("val")
-    assert snap.manifest["clips"][ids[0]]["bytes"] == storage.size(s3.uri("snapshots", snap.id, snap.manifest["clips"][ids[0]]["file"]))
+    assert snap.manifest.clips[ids[0]].bytes == storage.size(s3.uri("snapshots", snap.id, snap.manifest.clips[ids[0]].file))
 
 
 def test_incremental_runs_process_only_new_and_changed_clips(ray_local, synth_root, tmp_path):
     data = copy_dataset(synth_root, tmp_path / "data")
     out = tmp_path / "snapshots"
     first = run(data, out, splits=["train"])
-    assert first.manifest["counts"]["processed"] == 4
+    assert first.manifest.counts.processed == 4
 
     dataset = react.open_dataset(str(data))
     changed = dataset.clips("train")[0]
@@ -126,22 +126,22 @@ def test_incremental_runs_process_only_new_and_changed_clips(ray_local, synth_ro
     open(changed.emotion, "w").write("\n".join(rows) + "\n")
 
     second = run(data, out, incremental_from="latest")            # now every split
-    c = second.manifest["counts"]
-    assert (c["clips"], c["carried"], c["processed"], c["quarantined"]) == (8, 3, 5, 0)
-    assert second.manifest["incremental_from"] == first.manifest["id"]
-    carried = {cid for cid, info in second.manifest["clips"].items() if info["carried"]}
+    c = second.manifest.counts
+    assert (c.clips, c.carried, c.processed, c.quarantined) == (8, 3, 5, 0)
+    assert second.manifest.incremental_from == first.manifest.id
+    carried = {cid for cid, info in second.manifest.clips.items() if info.carried}
     assert carried == {c.clip_id for c in dataset.clips("train")} - {changed.clip_id}
     snap1, snap2 = Snapshot.open(first.uri), Snapshot.open(second.uri)
     for cid in carried:                                            # byte-identical copies
-        a = open(os.path.join(first.uri, first.manifest["clips"][cid]["file"]), "rb").read()
-        assert a == open(os.path.join(second.uri, second.manifest["clips"][cid]["file"]), "rb").read()
+        a = open(os.path.join(first.uri, first.manifest.clips[cid].file), "rb").read()
+        assert a == open(os.path.join(second.uri, second.manifest.clips[cid].file), "rb").read()
     new = snap2.load_clips([changed.clip_id], ["emotion"])[changed.clip_id]["emotion"]
     assert new[0, 15] == 0.5 and snap1.load_clips([changed.clip_id], ["emotion"])[changed.clip_id]["emotion"][0, 15] != 0.5
 
     third = run(data, out, incremental_from=second.uri)             # nothing changed: nothing decoded
-    c = third.manifest["counts"]
-    assert (c["clips"], c["carried"], c["processed"]) == (8, 8, 0)
-    assert Snapshot.list_ids(str(out)) == sorted([first.manifest["id"], second.manifest["id"], third.manifest["id"]])
+    c = third.manifest.counts
+    assert (c.clips, c.carried, c.processed) == (8, 8, 0)
+    assert Snapshot.list_ids(str(out)) == sorted([first.manifest.id, second.manifest.id, third.manifest.id])
     rows = Snapshot.open(third.uri).clips_dataset(["emotion"]).take_all()
     assert sorted(r["clip_id"] for r in rows) == sorted(c.clip_id for c in dataset.clips())   # no duplicates
     assert "carried" in third.report
@@ -166,12 +166,12 @@ def test_broken_clips_are_quarantined_and_the_others_extracted(ray_local, synth_
     out = tmp_path / "snapshots"
     result = run(data, out, max_failure_fraction=0.6)
     assert result.published, result.report
-    q = {r["clip_id"]: r for r in result.manifest["quarantine"]}
+    q = {r.clip_id: r for r in result.manifest.quarantine}
     assert set(q) == {truncated, no_audio, nan_labels, long_tdmm}
-    assert q[truncated]["stage"] == "decode_video" and q[truncated]["uri"] == video
-    assert q[no_audio]["stage"] == "decode_audio" and "missing audio" in q[no_audio]["reason"]
-    assert q[nan_labels]["stage"] == "labels" and "NaN" in q[nan_labels]["reason"]
-    assert q[long_tdmm]["stage"] == "frames" and "60 frames" in q[long_tdmm]["reason"]
+    assert q[truncated].stage == "decode_video" and q[truncated].uri == video
+    assert q[no_audio].stage == "decode_audio" and "missing audio" in q[no_audio].reason
+    assert q[nan_labels].stage == "labels" and "NaN" in q[nan_labels].reason
+    assert q[long_tdmm].stage == "frames" and "60 frames" in q[long_tdmm].reason
     snap = result.snapshot
     assert len(snap.clip_ids()) == 4 and resampled in snap.clip_ids()       # 16 kHz stereo: resampled, mono
     assert snap.load_clips([resampled], ["audio_mfcc26"])[resampled]["audio_mfcc26"].shape == (50, 26)
@@ -190,7 +190,7 @@ def test_broken_clips_are_quarantined_and_the_others_extracted(ray_local, synth_
     assert os.path.exists(os.path.join(failed.uri, "_report.json"))
     with pytest.raises(SnapshotError, match="incomplete"):
         Snapshot.open(failed.uri)
-    assert Snapshot.latest(str(out)).id == result.manifest["id"]
+    assert Snapshot.latest(str(out)).id == result.manifest.id
 
 
 def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synth_root, tmp_path):
@@ -215,10 +215,10 @@ def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synt
     snap = result.snapshot
     assert snap.facial == {"video_pixels": 256, "video_tiny": 8}
     assert snap.acoustic == {"audio_mfcc26": 26, "audio_logmel": 32, "audio_wav2vec2": 64}
-    models = result.manifest["feature_set"]["models"]
+    models = result.manifest.feature_set.models
     assert models["tiny"]["sha256"] == __import__("hashlib").sha256(open(ts, "rb").read()).hexdigest()
-    assert models["wav2vec2"]["sha256"] and [q["clip_id"] for q in result.manifest["quarantine"]] == [broken.clip_id]
-    assert result.manifest["counts"]["processed"] == 7
+    assert models["wav2vec2"]["sha256"] and [q.clip_id for q in result.manifest.quarantine] == [broken.clip_id]
+    assert result.manifest.counts.processed == 7
 
     f = snap.load_clips([flash.clip_id])[flash.clip_id]
     assert all(v.shape[0] == 50 for v in f.values())
@@ -241,7 +241,7 @@ def test_network_extractors_run_in_actor_pools_with_av_alignment(ray_local, synt
 
     # One clip in this process (what `reactdiff generate` runs on a new speaker), with the feature
     # set rebuilt from the manifest: the job's code path, so the snapshot's numbers.
-    from pipeline.data.extract import extract_clip
+    from pipeline.data.clip import extract_clip
 
     rebuilt, policy = features.feature_set_from_manifest(result.manifest)
     assert policy == {"fps": 25.0, "frames": None, "frame_tolerance": 2, "decode_chunk": 64}
@@ -265,7 +265,7 @@ def test_cli_png_release_and_errors(ray_local, tmp_path, capsys):
     assert code == 0, printed
     assert "published" in printed and '"processed": 2' in printed
     snap = Snapshot.latest(str(out))
-    assert snap.manifest["source"]["release"] == "2023"
+    assert snap.manifest.source.release == "2023"
     clip_id = snap.clip_ids()[0]
     assert snap.load_clips([clip_id], ["video_pixels"])[clip_id]["video_pixels"].shape == (20, 1024)
 
@@ -276,7 +276,7 @@ def test_cli_png_release_and_errors(ray_local, tmp_path, capsys):
                                          "--set", "incremental_from=latest", "--set", "frames=20"])
     assert code == 0
     resumed = Snapshot.latest(str(out))
-    assert resumed.manifest["config"]["incremental_from"] == "latest" and resumed.manifest["config"]["frames"] == 20
+    assert resumed.manifest.config["incremental_from"] == "latest" and resumed.manifest.config["frames"] == 20
     assert Snapshot.resolve(resumed.id, str(out)).id == resumed.id
 
     assert cli.main(["extract", "--data", str(root), "--out", str(out), "--feature-set", "paper"]) == 2
@@ -296,11 +296,11 @@ def test_cli_png_release_and_errors(ray_local, tmp_path, capsys):
 
 def test_frame_count_policy_crops_within_tolerance_and_quarantines_beyond(ray_local, synth_root, tmp_path):
     cropped = run(synth_root, tmp_path / "a", splits=["val"], frames=48)        # 50 frames, tolerance 2
-    assert cropped.published and cropped.manifest["counts"]["clips"] == 2
+    assert cropped.published and cropped.manifest.counts.clips == 2
     clip_id = cropped.snapshot.clip_ids()[0]
     arrays = cropped.snapshot.load_clips([clip_id])[clip_id]
     assert {v.shape[0] for v in arrays.values()} == {48}
     rejected = run(synth_root, tmp_path / "b", splits=["val"], frames=45, max_failure_fraction=1.0)
-    assert rejected.published and rejected.manifest["counts"]["quarantined"] == 2
-    assert {q["stage"] for q in rejected.manifest["quarantine"]} == {"frames"}
-    assert "tolerance 2" in rejected.manifest["quarantine"][0]["reason"]
+    assert rejected.published and rejected.manifest.counts.quarantined == 2
+    assert {q.stage for q in rejected.manifest.quarantine} == {"frames"}
+    assert "tolerance 2" in rejected.manifest.quarantine[0].reason

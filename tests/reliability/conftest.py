@@ -131,8 +131,8 @@ def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
         thread.join(30)
         print(result.report)
     assert "pid" in killed, killed
-    counts = result.manifest["counts"]
-    R.rows("clean S3 run, a worker SIGKILLed mid-clip", counts["considered"], counts["clips"], counts["quarantined"])
+    counts = result.manifest.counts
+    R.rows("clean S3 run, a worker SIGKILLed mid-clip", counts.considered, counts.clips, counts.quarantined)
     return CleanRun(data, out, result, target.clip_id, killed["pid"], F.attempts(control), marker, said.getvalue())
 
 

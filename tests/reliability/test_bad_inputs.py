@@ -15,7 +15,8 @@ import reliability_report as R
 from extract_fixtures import beep, flash_frames, write_mp4, write_wav
 from reliability_faults import FRAMES, Payload
 from pipeline.data import react
-from pipeline.data.extract import ExtractConfig, extract, extract_clip
+from pipeline.data.clip import extract_clip
+from pipeline.data.extract import ExtractConfig, extract
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +121,8 @@ def broken(ray_local, tmp_path_factory):
         plan[clip.clip_id] = (name, corrupt(clip, ctx), expected)
     untouched = [c for c in clips if c.clip_id not in plan]
     result = extract(ExtractConfig(data=root, out=str(tmp / "snapshots"), max_failure_fraction=0.9))
-    c = result.manifest["counts"]
-    R.rows("bad inputs (16 clips, 14 broken)", c["considered"], c["clips"], c["quarantined"])
+    c = result.manifest.counts
+    R.rows("bad inputs (16 clips, 14 broken)", c.considered, c.clips, c.quarantined)
     return {"root": root, "result": result, "plan": plan, "untouched": untouched, "ctx": ctx, "clips": clips}
 
 
@@ -129,19 +130,19 @@ def test_every_clip_is_accounted_for_and_each_broken_one_names_its_file(broken, 
     result, plan = broken["result"], broken["plan"]
     m = result.manifest
     assert result.published, result.report
-    quarantine = {q["clip_id"]: q for q in m["quarantine"]}
-    extracted = set(m["clips"])
+    quarantine = {q.clip_id: q for q in m.quarantine}
+    extracted = set(m.clips)
     # rows lost 0: every clip listed in a split csv is either in the snapshot or quarantined, once
     listed = {c.clip_id for c in broken["clips"]}
     assert extracted | set(quarantine) == listed and not extracted & set(quarantine)
-    assert m["counts"]["considered"] == len(listed) == m["counts"]["clips"] + m["counts"]["quarantined"]
-    assert len(m["quarantine"]) == len(quarantine)                       # one row per clip
+    assert m.counts.considered == len(listed) == m.counts.clips + m.counts.quarantined
+    assert len(m.quarantine) == len(quarantine)                       # one row per clip
 
     problems = []
     for clip_id, (name, path, expected) in plan.items():
         q = quarantine.get(clip_id)
         if expected is OK:
-            outcome = "extracted (ok)" if clip_id in extracted else f"quarantined: {q and q['reason']}"
+            outcome = "extracted (ok)" if clip_id in extracted else f"quarantined: {q and q.reason}"
             R.case(R.INPUT, name, outcome, nodeid=request.node.nodeid, detail=os.path.basename(path))
             if clip_id not in extracted:
                 problems.append(f"{name}: expected to be extracted, got {q}")
@@ -151,19 +152,19 @@ def test_every_clip_is_accounted_for_and_each_broken_one_names_its_file(broken, 
             R.case(R.INPUT, name, "NOT quarantined", nodeid=request.node.nodeid)
             problems.append(f"{name}: not quarantined")
             continue
-        R.case(R.INPUT, name, f"quarantined [{q['stage']}] {q['reason']}", nodeid=request.node.nodeid,
-               detail=f"file {q['uri'][len(broken['root']) + 1:]}")
-        if q["stage"] != stage or not re.search(pattern, q["reason"]):
-            problems.append(f"{name}: stage/reason {q['stage']!r}: {q['reason']!r}")
+        R.case(R.INPUT, name, f"quarantined [{q.stage}] {q.reason}", nodeid=request.node.nodeid,
+               detail=f"file {q.uri[len(broken['root']) + 1:]}")
+        if q.stage != stage or not re.search(pattern, q.reason):
+            problems.append(f"{name}: stage/reason {q.stage!r}: {q.reason!r}")
         # the row names one of the clip's own files (the broken one, except for frame-count
         # disagreements, see test_frame_count_disagreement_names_the_odd_file_out)
         clip = next(c for c in broken["clips"] if c.clip_id == clip_id)
         own = {clip.video, clip.audio, clip.emotion, clip.tdmm, path} - {None}
-        if q["uri"] not in own:
-            problems.append(f"{name}: quarantine row names {q['uri']}, not one of the clip's files")
-        elif stage != "frames" and q["uri"] != path:
-            problems.append(f"{name}: quarantine row names {q['uri']}, the broken file is {path}")
-        if q["clip_id"] not in result.report:
+        if q.uri not in own:
+            problems.append(f"{name}: quarantine row names {q.uri}, not one of the clip's files")
+        elif stage != "frames" and q.uri != path:
+            problems.append(f"{name}: quarantine row names {q.uri}, the broken file is {path}")
+        if q.clip_id not in result.report:
             problems.append(f"{name}: not in the job's printed report")
     assert not problems, "\n".join(problems)
     assert not os.path.exists(broken["ctx"]["payload_dir"]), "the pickled payload in a .npy ran"
@@ -191,9 +192,9 @@ def test_the_other_clips_come_out_as_if_nothing_was_broken(broken):
 
 
 def test_frame_count_disagreement_names_the_odd_file_out(broken):
-    quarantine = {q["clip_id"]: q for q in broken["result"].manifest["quarantine"]}
+    quarantine = {q.clip_id: q for q in broken["result"].manifest.quarantine}
     clip_id, (name, path, _) = next((cid, p) for cid, p in broken["plan"].items() if p[0].startswith("mp4 of"))
-    assert quarantine[clip_id]["uri"] == path, quarantine[clip_id]
+    assert quarantine[clip_id].uri == path, quarantine[clip_id]
 
 
 def test_a_split_csv_escaping_the_dataset_root_is_rejected_before_any_work(clean_root, tmp_path, capsys, request):

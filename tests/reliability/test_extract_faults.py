@@ -13,7 +13,8 @@ import reliability_faults as F
 import reliability_report as R
 from pipeline import storage
 from pipeline.data import react
-from pipeline.data.extract import ExtractConfig, extract, extract_clip
+from pipeline.data.clip import extract_clip
+from pipeline.data.extract import ExtractConfig, extract
 from pipeline.data.snapshot import MANIFEST, Snapshot, SnapshotError
 
 pytestmark = pytest.mark.slow
@@ -26,12 +27,12 @@ def test_a_worker_killed_mid_clip_is_retried_and_the_job_completes(clean_run, cl
     m = r.result.manifest
     R.case(R.FAULT, "extraction worker SIGKILLed while holding a clip",
            f"retried {len(r.attempts) - 1}x on a new worker; job completed, "
-           f"{m['counts']['clips']}/{m['counts']['considered']} clips extracted", nodeid=request.node.nodeid,
+           f"{m.counts.clips}/{m.counts.considered} clips extracted", nodeid=request.node.nodeid,
            detail=f"killed pid {r.killed}")
     assert r.attempts[0] == r.killed and len(r.attempts) == 2 and r.attempts[1] != r.killed
     assert r.result.published, r.result.report
-    assert (m["counts"]["considered"], m["counts"]["clips"], m["counts"]["quarantined"]) == (8, 8, 0)
-    assert sorted(m["clips"]) == sorted(c.clip_id for c in react.open_dataset(clean_root).clips())
+    assert (m.counts.considered, m.counts.clips, m.counts.quarantined) == (8, 8, 0)
+    assert sorted(m.clips) == sorted(c.clip_id for c in react.open_dataset(clean_root).clips())
     # one file per clip, and the retried clip holds the numbers the job's code path computes
     files = list(storage.walk_files(storage.join(r.result.uri, "clips"), ".parquet"))
     assert len(files) == 8
@@ -81,17 +82,17 @@ def test_a_clip_that_kills_its_worker_every_time_is_quarantined_after_bounded_re
     state["done"] = True
     thread.join(30)
     n = len(F.attempts(control))
-    q = {x["clip_id"]: x for x in result.manifest["quarantine"]}
-    c = result.manifest["counts"]
-    R.rows("val clips, one kills its worker on every attempt", c["considered"], c["clips"], c["quarantined"])
+    q = {x.clip_id: x for x in result.manifest.quarantine}
+    c = result.manifest.counts
+    R.rows("val clips, one kills its worker on every attempt", c.considered, c.clips, c.quarantined)
     if state["released"]:
         outcome = f"NOT bounded: {n} attempts, still retrying when the test released the clip"
     else:
         outcome = f"quarantined [{q.get(target.clip_id, {}).get('stage')}] after {n} attempts"
     R.case(R.FAULT, "a clip kills its worker on every attempt", outcome, nodeid=request.node.nodeid)
     assert not state["released"], outcome
-    assert q[target.clip_id]["stage"] == "worker" and n <= 4
-    assert c["clips"] == 1 and c["considered"] == 2
+    assert q[target.clip_id].stage == "worker" and n <= 4
+    assert c.clips == 1 and c.considered == 2
 
 
 def test_transient_s3_errors_are_retried_in_a_storage_round_trip(s3, request):
@@ -136,13 +137,13 @@ def test_snapshot_publishing_survives_transient_s3_errors(clean_root, s3, ray_lo
             result = extract(ExtractConfig(data=clean_root, out=out, splits=["val"]))
             assert result.published, result.report
             snap = Snapshot.latest(out)
-            assert snap is not None and snap.id == result.manifest["id"]
+            assert snap is not None and snap.id == result.manifest.id
             assert len(snap.clip_ids("val")) == 2 and len(snap.items("val")) == 2
             assert snap.neighbours("val").shape == (2, 2)
             manifest_puts = [p for m, p, s in proxy.forwarded if m == "PUT" and p.endswith(MANIFEST)]
         injected = len(proxy.injected)
-        c = result.manifest["counts"]
-        R.rows("val clips published through a flaky S3 endpoint", c["considered"], c["clips"], c["quarantined"])
+        c = result.manifest.counts
+        R.rows("val clips published through a flaky S3 endpoint", c.considered, c.clips, c.quarantined)
         R.case(R.FAULT, "S3 503 SlowDown while publishing a snapshot",
                f"retried {injected}x; manifest written once, last; snapshot readable",
                nodeid=request.node.nodeid, detail=f"{len(proxy.forwarded)} requests reached S3")
@@ -187,11 +188,11 @@ def test_a_job_interrupted_before_publishing_leaves_no_snapshot_readers_take(cle
         _open_snapshot(partial)
 
     again = extract(ExtractConfig(data=clean_root, out=out, splits=["val"], incremental_from="latest"))
-    assert again.published and Snapshot.latest(out).id == again.manifest["id"] != folder
-    assert Snapshot.list_ids(out) == [again.manifest["id"]]          # the partial folder stays invisible
-    c = again.manifest["counts"]
-    R.rows("re-run after a job stopped at the publish point", c["considered"], c["clips"], c["quarantined"])
+    assert again.published and Snapshot.latest(out).id == again.manifest.id != folder
+    assert Snapshot.list_ids(out) == [again.manifest.id]          # the partial folder stays invisible
+    c = again.manifest.counts
+    R.rows("re-run after a job stopped at the publish point", c.considered, c.clips, c.quarantined)
     R.case(R.FAULT, "job stopped just before writing the manifest",
            "partial folder ignored by latest, refused by open/train; re-run published",
            nodeid=request.node.nodeid, detail=f"{c['processed']} re-extracted, {c['carried']} carried")
-    assert (c["clips"], c["processed"]) == (2, 2)
+    assert (c.clips, c.processed) == (2, 2)
