@@ -65,10 +65,6 @@ class Workspace:
     def mlflow_tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 
-    @property
-    def mlflow_artifact_location(self) -> str:
-        return (self.root / "mlartifacts").resolve().as_uri()
-
 
 def workspace(root: str | os.PathLike | None = None) -> Workspace:
     """The working directory: explicit, else ``$REACTDIFF_HOME``, else ``./.reactdiff``."""

@@ -51,6 +51,7 @@ from pipeline.data.media import ClipError, read_audio
 from pipeline.data.snapshot import Snapshot, SnapshotError
 from pipeline.evaluate.predictions import actor_pool, predictions_dataset
 from pipeline.evaluate.protocol import available_items, item_seed, model_features
+from pipeline import plots
 from pipeline.generate import render
 from pipeline.registry.models import RegistryError, load_generator
 
@@ -492,7 +493,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
         t0 = time.perf_counter()
         title = (f"{cfg.samples} reactions to {os.path.basename(speaker.video)} — "
                  f"{model.describe()['name'] or 'model'} v{model.describe()['version'] or '?'}, seed {cfg.seed}")
-        png = render.reaction_plot_png(emotion, speaker_emotion, title=title)
+        png = plots.reaction_plot_png(emotion, speaker_emotion, title=title)
         uri = storage.join(out, "reactions.png")
         storage.write_bytes(uri, png)
         files["plot"].append(uri)

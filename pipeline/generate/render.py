@@ -1,14 +1,8 @@
-"""Pictures of generated reactions: a trajectory plot and a side-by-side face video.
+"""Faces of generated reactions: the side-by-side face video.
 
-Two things people look at instead of reading csv files:
-
-* ``plot_reactions`` — the K generated reactions of one speaker clip on one time axis: the 15
-  AUs as an activity raster (one row per AU and sample, so timing and diversity are visible at a
-  glance), valence and arousal curves, the 8 expression probabilities (sample mean with the
-  min–max band across samples) and the dominant expression per frame; the speaker's own
-  attributes on top when they are known.
-* ``write_reaction_video`` — the speaker video beside a face animated by one generated
-  reaction, H.264 at 25 fps with the speaker's audio when there is one.
+``write_reaction_video`` — the speaker video beside a face animated by one generated reaction,
+H.264 at 25 fps with the speaker's audio when there is one. (The trajectory plot of the
+reactions is ``pipeline.plots.plot_reactions``.)
 
 The face is drawn by ``CartoonFaceRenderer``: a 2D face in plain numpy, driven by the 25
 attributes and the head pose of the 3DMM (§6 of the reference note). The reference renders
@@ -34,121 +28,12 @@ log = logging.getLogger(__name__)
 # REACT facial attributes (model.md §1.2): 15 AU occurrences, valence, arousal, 8 expressions.
 AU_NAMES = EMOTION_COLUMNS[:15]
 EXPRESSION_NAMES = EMOTION_COLUMNS[17:]
-AU_SLICE, VALENCE, AROUSAL, EXPRESSION_SLICE = slice(0, 15), 15, 16, slice(17, 25)
 _AU = {name: i for i, name in enumerate(AU_NAMES)}
 _EXPR = {name: 17 + i for i, name in enumerate(EXPRESSION_NAMES)}
 
 # FaceVerse v2 coefficients (model.md §1.2/§6): 52 expression, then rotation (Euler angles about
 # x, y, z = pitch, yaw, roll, radians), then translation.
 ROTATION = slice(52, 55)
-
-# One colour per expression class (tab10 without grey), used by the plot's raster and legend.
-EXPRESSION_COLOURS = ("#7f7f7f", "#f2b701", "#3969ac", "#11a579", "#7f3c8d", "#80ba5a",
-                      "#e73f74", "#e68310")
-
-
-# --------------------------------------------------------------------------------------------
-# Trajectory plot
-# --------------------------------------------------------------------------------------------
-
-def plot_reactions(emotion: np.ndarray, speaker_emotion: np.ndarray | None = None, *,
-                   fps: int = FPS, title: str = ""):
-    """Figure of K reactions ``emotion`` [K, T, 25] under the speaker's attributes [T', 25]."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    emotion = np.asarray(emotion, dtype=np.float32)
-    if emotion.ndim != 3 or emotion.shape[-1] != 25:
-        raise ValueError(f"reactions must be [K, T, 25], got {emotion.shape}")
-    k, t, _ = emotion.shape
-    seconds = np.arange(t) / fps
-    extent_t = (0, t / fps)
-    speaker = None if speaker_emotion is None else np.asarray(speaker_emotion, np.float32)[:t]
-    sample_colours = plt.get_cmap("tab10" if k <= 10 else "viridis")(
-        np.arange(k) % 10 if k <= 10 else np.linspace(0, 1, k))
-
-    panels = (["speaker_aus"] if speaker is not None else []) + [
-        "aus", "valence", "arousal", "expressions", "dominant"]
-    heights = {"speaker_aus": 2.0, "aus": max(3.0, 0.012 * 15 * k + 1.2), "valence": 1.4,
-               "arousal": 1.4, "expressions": 1.8, "dominant": 0.5 + 0.12 * (k + 1)}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(13, sum(heights[p] for p in panels) + 0.8),
-                             sharex=True, gridspec_kw={"height_ratios": [heights[p] for p in panels]},
-                             layout="constrained")
-    ax = dict(zip(panels, axes))
-    raster = {"cmap": "Greys", "vmin": 0.0, "vmax": 1.0, "aspect": "auto",
-              "interpolation": "nearest", "extent": (*extent_t, None, None)}
-
-    def au_raster(a, rows: np.ndarray, per_au: int, label: str) -> None:
-        opts = dict(raster, extent=(*extent_t, rows.shape[0] - 0.5, -0.5))
-        a.imshow(np.clip(rows, 0, 1), **opts)
-        a.set_yticks(np.arange(15) * per_au + (per_au - 1) / 2, AU_NAMES, fontsize=7)
-        for g in range(1, 15):  # separate AU groups so each AU's K sample rows read as a block
-            a.axhline(g * per_au - 0.5, color="#d0d0d0", lw=0.5)
-        a.set_ylabel(label, fontsize=9)
-
-    if speaker is not None:
-        au_raster(ax["speaker_aus"], speaker[:, AU_SLICE].T, 1, "speaker AUs")
-    # rows: AU-major, sample-minor → for each AU the K samples are adjacent rows.
-    au_rows = emotion[:, :, AU_SLICE].transpose(2, 0, 1).reshape(15 * k, t)
-    au_raster(ax["aus"], au_rows, k, f"reaction AUs\n({k} samples per AU)")
-
-    for name, col in (("valence", VALENCE), ("arousal", AROUSAL)):
-        a = ax[name]
-        for i in range(k):
-            a.plot(seconds, emotion[i, :, col], color=sample_colours[i], lw=0.8, alpha=0.8)
-        if speaker is not None:
-            a.plot(seconds[: len(speaker)], speaker[:, col], color="black", lw=1.4, ls="--",
-                   label="speaker")
-            a.legend(loc="upper right", fontsize=7)
-        a.set_ylim(-1.05, 1.05)
-        a.axhline(0, color="#bbbbbb", lw=0.5)
-        a.set_ylabel(name, fontsize=9)
-
-    a = ax["expressions"]
-    probs = emotion[:, :, EXPRESSION_SLICE]
-    for j, name in enumerate(EXPRESSION_NAMES):
-        a.fill_between(seconds, probs[:, :, j].min(0), probs[:, :, j].max(0),
-                       color=EXPRESSION_COLOURS[j], alpha=0.15, lw=0)
-        a.plot(seconds, probs[:, :, j].mean(0), color=EXPRESSION_COLOURS[j], lw=1.0, label=name)
-    a.set_ylim(0, 1)
-    a.set_ylabel("expression\nprobability", fontsize=9)
-    a.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=8, fontsize=7, frameon=False,
-             borderaxespad=0.1)
-
-    a = ax["dominant"]
-    dominant = probs.argmax(-1)  # [K, T]
-    labels = [f"#{i}" for i in range(k)]
-    if speaker is not None:
-        dominant = np.concatenate([speaker[None, :, EXPRESSION_SLICE].argmax(-1)
-                                   if len(speaker) == t else
-                                   np.pad(speaker[:, EXPRESSION_SLICE].argmax(-1), (0, t - len(speaker)),
-                                          mode="edge")[None], dominant])
-        labels = ["speaker"] + labels
-    a.imshow(dominant, cmap=ListedColormap(EXPRESSION_COLOURS), vmin=-0.5, vmax=7.5,
-             aspect="auto", interpolation="nearest",
-             extent=(*extent_t, dominant.shape[0] - 0.5, -0.5))
-    a.set_yticks(np.arange(len(labels)), labels, fontsize=6)
-    a.set_ylabel("dominant\nexpression", fontsize=9)
-    a.set_xlabel("time (s)")
-    a.set_xlim(*extent_t)
-    fig.suptitle(title or f"{k} generated reactions", fontsize=11)
-    return fig
-
-
-def reaction_plot_png(emotion: np.ndarray, speaker_emotion: np.ndarray | None = None, *,
-                      fps: int = FPS, title: str = "", dpi: int = 110) -> bytes:
-    """``plot_reactions`` rendered to PNG bytes (write them anywhere with pipeline.storage)."""
-    import matplotlib.pyplot as plt
-
-    fig = plot_reactions(emotion, speaker_emotion, fps=fps, title=title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
-
 
 # --------------------------------------------------------------------------------------------
 # Faces: the renderer seam and the numpy cartoon

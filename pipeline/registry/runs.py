@@ -23,15 +23,15 @@ What a training run records:
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from pipeline.runtime import workspace
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ def tracking_uri(explicit: str | None = None) -> str:
 
     if mlflow.tracking.is_tracking_uri_set():
         return mlflow.get_tracking_uri()
-    from pipeline.runtime import workspace
-
     return workspace().mlflow_tracking_uri
 
 
@@ -335,112 +333,3 @@ class EpochLogger:
 
         self.client.log_figure(self.run_id, figure, artifact_file)
         plt.close(figure)
-
-    def log_file(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)
-
-    def log_bytes(self, data: bytes, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(data)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots (matplotlib, headless)
-# ---------------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def loss_curve_figure(history: Sequence[Mapping[str, float]], title: str = ""):
-    """Train and validation losses per epoch: one panel per loss family."""
-    plt = _pyplot()
-    keys = sorted({k for row in history for k in row if k.startswith(("train/", "val/"))
-                   and k.split("/", 1)[1] not in ("items", "steps")})
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        groups.setdefault(k.split("/", 1)[1], []).append(k)
-    # losses first, then validation metrics; at most 4 panels a row
-    order = sorted(groups, key=lambda g: (not g.startswith("loss"), "loss" not in g, g))
-    n = max(1, len(order))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, name in zip(axes.flat, order):
-        ks = groups[name]
-        for k in ks:
-            pts = [(int(r[EPOCH_METRIC]), float(r[k])) for r in history
-                   if k in r and r[k] is not None and math.isfinite(float(r[k]))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", ms=3, label=k.split("/", 1)[0])
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-EMOTION_DIMS_TO_PLOT = (15, 16, 17, 18, 19, 20)  # a few emotion columns (after the 15 AUs)
-
-
-def _emotion_name(d: int) -> str:
-    try:
-        from pipeline.data.react import EMOTION_COLUMNS
-
-        return str(EMOTION_COLUMNS[d])
-    except (ImportError, IndexError):
-        return f"dim {d}"
-
-
-def reaction_figure(generated, listener, speaker=None, *, dims: Sequence[int] = EMOTION_DIMS_TO_PLOT,
-                    fps: float = 25.0, title: str = "", labels: Sequence[str] = ("generated", "real listener",
-                                                                                   "speaker")):
-    """Generated listener reactions [K, T, 25] against the real listener (and speaker) [T, 25]."""
-    import numpy as np
-
-    plt = _pyplot()
-    generated = np.asarray(generated, dtype=np.float32)
-    listener = np.asarray(listener, dtype=np.float32)
-    if generated.ndim == 2:
-        generated = generated[None]
-    dims = [d for d in dims if d < generated.shape[-1]] or list(range(min(4, generated.shape[-1])))
-    t = np.arange(generated.shape[1]) / fps
-    fig, axes = plt.subplots(len(dims), 1, figsize=(8, 1.4 * len(dims) + 0.6), sharex=True,
-                             squeeze=False)
-    for ax, d in zip(axes[:, 0], dims):
-        for k in range(generated.shape[0]):
-            ax.plot(t, generated[k, :, d], lw=0.8, alpha=0.7, color="tab:blue",
-                    label=labels[0] if k == 0 else None)
-        ax.plot(t, listener[: len(t), d], lw=1.2, color="black", label=labels[1])
-        if speaker is not None:
-            ax.plot(t, np.asarray(speaker)[: len(t), d], lw=0.8, ls="--", color="tab:orange",
-                    label=labels[2])
-        ax.set_ylabel(_emotion_name(d), fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=3)
-    axes[-1, 0].set_xlabel("seconds")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buf.getvalue()

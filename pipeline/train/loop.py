@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import plots, storage
 from pipeline.evaluate import protocol
 from pipeline.registry import runs as tracking
 from pipeline.config import to_dict
@@ -210,11 +210,11 @@ class _RankZeroValidation:
         if plot:
             first = speakers[0]
             if stage == "autoencoder":
-                fig = tracking.reaction_figure(pred[0], speaker[0], labels=("reconstructed", "real", ""),
-                                               title=f"stage 1 reconstruction, val clip {first}, epoch {epoch}")
+                fig = plots.plot_reactions(pred[0], real_emotion=speaker[0], label="reconstructed", real_label="real",
+                                           title=f"stage 1 reconstruction, val clip {first}, epoch {epoch}")
             else:
-                fig = tracking.reaction_figure(pred[0], listener[0], speaker[0],
-                                               title=f"generated reactions to val speaker {first}, epoch {epoch}")
+                fig = plots.plot_reactions(pred[0], speaker[0], real_emotion=listener[0],
+                                           title=f"generated reactions to val speaker {first}, epoch {epoch}")
         return metrics, fig
 
 
@@ -335,7 +335,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
         if logger is not None:            # the checkpoint is persisted: its epochs may go to MLflow
             logger.log_history(history)
-            logger.log_figure(tracking.loss_curve_figure(history, title=f"{cfg.name}"), "plots/loss_curves.png")
+            logger.log_figure(plots.loss_curve_figure(history, title=f"{cfg.name}"), "plots/loss_curves.png")
         if figure is not None and logger is not None:
             logger.log_figure(figure, f"plots/{'reconstruction' if stage == 'autoencoder' else 'reaction'}"
                                       f"_epoch{epoch:04d}.png")

@@ -7,9 +7,11 @@ import io
 import numpy as np
 import pytest
 
+from pipeline import plots
 from pipeline.data import react
 from pipeline.generate import render
 from pipeline.generate.job import GenerationError, attributes_csv, clean_emotion, pad_frames
+from tests.helpers.media import write_speaker_mp4
 
 
 def raw_reactions(k=3, t=40, seed=0) -> np.ndarray:
@@ -124,24 +126,6 @@ def test_renderer_seam_loads_a_user_factory_and_rejects_bad_specs():
         render.load_renderer("no_such_module_xyz:Thing")
 
 
-def write_speaker_mp4(path, frames=30, size=96, audio=False):
-    import av
-
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=25)
-        v.width = v.height = size
-        v.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.zeros((size, size, 3), np.uint8)
-            img[:, :, 1] = (i * 8) % 256
-            f = av.VideoFrame.from_ndarray(img, format="rgb24")
-            f.pts = i
-            for p in v.encode(f):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
-
-
 def decode_frames(path) -> np.ndarray:
     import av
 
@@ -175,10 +159,10 @@ def test_reaction_plot_png_is_a_real_picture():
     raw = raw_reactions(k=4, t=100)
     clean, _ = clean_emotion(raw)
     for speaker in (None, clean[0]):
-        png = render.reaction_plot_png(clean, speaker, title="test")
+        png = plots.reaction_plot_png(clean, speaker, title="test")
         img = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
         assert img.shape[0] > 600 and img.shape[1] > 1000
         assert img.std() > 20                                # not a blank canvas
-    with_speaker = Image.open(io.BytesIO(render.reaction_plot_png(clean, clean[0])))
-    without = Image.open(io.BytesIO(render.reaction_plot_png(clean, None)))
+    with_speaker = Image.open(io.BytesIO(plots.reaction_plot_png(clean, clean[0])))
+    without = Image.open(io.BytesIO(plots.reaction_plot_png(clean, None)))
     assert with_speaker.size[1] > without.size[1]            # the speaker panel is there

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import plots
 from pipeline.registry import runs as tracking
 
 
@@ -82,8 +83,8 @@ def test_using_scopes_the_store_and_restores_the_environment(mlflow_uri, tmp_pat
 
 def test_plots_render_to_png():
     history = _history([1, 2, 3]) + [{"epoch": 3, "val/FRCorr": 0.2}]
-    png = tracking.figure_png(tracking.loss_curve_figure(history, title="run"))
+    png = plots.figure_png(plots.loss_curve_figure(history, title="run"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     rng = np.random.default_rng(0)
-    fig = tracking.reaction_figure(rng.random((3, 100, 25)), rng.random((100, 25)), rng.random((100, 25)))
-    assert tracking.figure_png(fig)[:4] == b"\x89PNG"
+    fig = plots.plot_reactions(rng.random((3, 100, 25)), rng.random((100, 25)), real_emotion=rng.random((100, 25)))
+    assert plots.figure_png(fig)[:4] == b"\x89PNG"
