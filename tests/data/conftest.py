@@ -3,7 +3,6 @@ a test that breaks a layout copies it first with ``copy_dataset``)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from pipeline.data import synth
 from pipeline.data.react import EMOTION_COLUMNS
+from tests.helpers import media
 
 SMALL = dict(dyads=(2, 1, 1), frames=60, seed=0)
 
@@ -30,11 +30,7 @@ def synth_2023(tmp_path_factory) -> tuple[Path, synth.SynthSummary]:
 @pytest.fixture
 def copy_dataset(tmp_path):
     """copy_dataset(src) -> a private copy under tmp_path that the test may break."""
-    def copy(src: Path) -> Path:
-        dst = tmp_path / "copy"
-        shutil.copytree(src, dst)
-        return dst
-    return copy
+    return lambda src: media.copy_dataset(src, tmp_path / "copy")
 
 
 @pytest.fixture

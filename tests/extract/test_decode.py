@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract_fixtures import beep, flash_frames, write_mp4, write_pngs, write_wav
 from pipeline.data import media as decode
 from pipeline.data.media import ClipError
+from tests.helpers.media import beep, flash_frames, write_mp4, write_pngs, write_wav
 
 
 def _all_crops(video, chunk):

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from extract_fixtures import (beep, copy_dataset, flash_frames, save_tiny_torchscript, save_tiny_wav2vec2,
-                              write_mp4, write_wav)
+from tests.helpers.media import beep, copy_dataset, flash_frames, write_mp4, write_wav
+from tests.helpers.models import save_tiny_torchscript, save_tiny_wav2vec2
 from pipeline import storage
 from pipeline.data import react
 from pipeline.data.extract import ExtractConfig, extract

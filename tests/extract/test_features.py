@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract_fixtures import (TINY_WAV2VEC2, beep, flash_frames, save_tiny_torchscript, save_tiny_wav2vec2,
-                              tiny_wav2vec2)
 from pipeline.data import features
 from pipeline.data.media import Audio, face_crops
 from pipeline.data.features import FeatureSetError
+from tests.helpers.media import beep, flash_frames
+from tests.helpers.models import TINY_WAV2VEC2, save_tiny_torchscript, save_tiny_wav2vec2, tiny_wav2vec2
 
 
 def _ext(name, **spec):

@@ -10,6 +10,7 @@ from jobs import cli
 from pipeline.data import react
 from pipeline.generate import render
 from pipeline.generate.job import GenerateConfig, SpeakerClip, extract_speaker, generate_clip, load_model
+from tests.helpers.media import write_speaker_mp4
 
 MODEL = "models:/reactdiff@champion"
 FAST = ["--samples", "3", "--steps", "2"]
@@ -139,8 +140,6 @@ def test_unknown_model_or_alias(registry, speaker, tmp_path, capsys):
 
 
 def test_video_without_a_face_sized_frame(registry, tmp_path, capsys):
-    from test_generate_outputs import write_speaker_mp4
-
     tiny = tmp_path / "tiny.mp4"
     write_speaker_mp4(tiny, frames=10, size=32)
     expect_error(capsys, "--model", MODEL, "--speaker-video", str(tiny), "--out", str(tmp_path / "o"),
@@ -163,8 +162,6 @@ def test_audio_missing_when_the_model_listens(registry, speaker, tmp_path, capsy
 
 
 def test_clip_shorter_than_the_model_window(registry, speaker, tmp_path, capsys):
-    from test_generate_outputs import write_speaker_mp4
-
     short = tmp_path / "short.mp4"
     write_speaker_mp4(short, frames=50, size=96)
     expect_error(capsys, "--model", MODEL, "--speaker-video", str(short), "--speaker-audio", speaker.audio,

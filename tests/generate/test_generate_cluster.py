@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_nodes import start_node, stop_session, wait_until_up
+from tests.helpers.ray_nodes import start_node, stop_session, wait_until_up
 
 pytestmark = pytest.mark.slow
 

@@ -5,15 +5,14 @@ the clean dataset is 2/1/1 dyads (8 person clips). The clean extraction runs onc
 moto S3 with a Ray worker SIGKILLed in the middle of a clip, and with the driver's S3 secret set
 to a unique marker; its snapshot then feeds the training fault tests.
 
-Helpers of other suites are imported, not copied: tests/extract/extract_fixtures.py (media
-writers, tiny networks) and tests/train/train_fixtures.py (the tiny 2-worker training config).
+Helpers shared with the other suites (media writers, tiny networks, the tiny 2-worker training
+config) and the fault injectors come from tests.helpers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-for _suite in ("extract", "train"):
-    if str(HERE.parent / _suite) not in sys.path:
-        sys.path.insert(0, str(HERE.parent / _suite))
-
-import reliability_report as R  # noqa: E402
-from reliability_faults import FRAMES  # noqa: E402
+from pipeline import storage
+from pipeline.data import react, synth
+from pipeline.data.extract import ExtractConfig, extract
+from tests.helpers import faults as F
+from tests.helpers import report as R
+from tests.helpers import shell as C
+from tests.helpers.training import tiny_overrides
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +67,8 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def clean_root(tmp_path_factory) -> str:
     """Synthetic REACT 2024, 2/1/1 dyads = 8 person clips of FRAMES frames (read-only)."""
-    from pipeline.data import synth
-
     root = tmp_path_factory.mktemp("rel-react") / "data"
-    synth.generate(str(root), dyads=(2, 1, 1), frames=FRAMES, seed=3, release="2024")
+    synth.generate(str(root), dyads=(2, 1, 1), frames=F.FRAMES, seed=3, release="2024")
     return str(root)
 
 
@@ -94,11 +91,6 @@ def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
     The driver's AWS secret is a unique marker during the run (Ray workers keep the session's
     dummy secret: both must stay out of everything the run writes or says).
     """
-    import reliability_faults as F
-    from pipeline import storage
-    from pipeline.data import react
-    from pipeline.data.extract import ExtractConfig, extract
-
     prefix = f"s3://{s3_server.bucket}/rel-{uuid.uuid4().hex[:8]}"
     data, out = f"{prefix}/data", f"{prefix}/snapshots"
     fs, base = storage.filesystem(data)
@@ -137,7 +129,7 @@ def clean_run(clean_root, s3_server, ray_local, tmp_path_factory) -> CleanRun:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline from a user's shell, S3 and MLflow on 127.0.0.2 (tests/reliability/clean_shell.py)
+# The pipeline from a user's shell, S3 and MLflow on 127.0.0.2 (tests.helpers.shell)
 
 
 @pytest.fixture(scope="session")
@@ -146,9 +138,6 @@ def clean_shell_pipeline(tmp_path_factory, clean_env):
     command in a clean shell, against moto S3 and `mlflow server` on 127.0.0.2; the listeners
     of every process are sampled throughout. Commands that fail are recorded, not raised: the
     tests report what failed."""
-    import clean_shell as C
-    from train_fixtures import tiny_overrides
-
     root = tmp_path_factory.mktemp("clean-shell")
     env = C.user_env(clean_env, root / "home")
     moto, endpoint = C.start_moto(env, root / "moto.log")

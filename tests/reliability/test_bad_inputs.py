@@ -11,12 +11,12 @@ import shutil
 import numpy as np
 import pytest
 
-import reliability_report as R
-from extract_fixtures import beep, flash_frames, write_mp4, write_wav
-from reliability_faults import FRAMES, Payload
 from pipeline.data import react
 from pipeline.data.clip import extract_clip
 from pipeline.data.extract import ExtractConfig, extract
+from tests.helpers import report as R
+from tests.helpers.faults import FRAMES, Payload
+from tests.helpers.media import beep, flash_frames, write_mp4, write_wav
 
 pytestmark = pytest.mark.slow
 

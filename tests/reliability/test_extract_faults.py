@@ -9,13 +9,13 @@ import threading
 import numpy as np
 import pytest
 
-import reliability_faults as F
-import reliability_report as R
 from pipeline import storage
 from pipeline.data import react
 from pipeline.data.clip import extract_clip
 from pipeline.data.extract import ExtractConfig, extract
 from pipeline.data.snapshot import MANIFEST, Snapshot, SnapshotError
+from tests.helpers import faults as F
+from tests.helpers import report as R
 
 pytestmark = pytest.mark.slow
 

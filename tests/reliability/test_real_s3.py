@@ -2,7 +2,7 @@
 
 S3 (moto) and the MLflow tracking server listen on 127.0.0.2: loopback, but outside the
 suite's NO_PROXY, so they stand in for AWS S3 / MinIO / a remote MLflow host. The commands run
-without the suite's dead proxies (tests/reliability/clean_shell.py); anything the library did
+without the suite's dead proxies (tests/helpers/shell.py); anything the library did
 to the network environment (an earlier version exported dead proxies on `import pipeline`)
 makes them fail with a ProxyConnectionError.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import clean_shell as C
-import reliability_report as R
-from ray_nodes import start_node, stop_session, wait_until_up
+from tests.helpers import report as R
+from tests.helpers import shell as C
+from tests.helpers.ray_nodes import start_node, stop_session, wait_until_up
 
 pytestmark = pytest.mark.slow
 

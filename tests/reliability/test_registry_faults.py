@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import reliability_faults as F
-import reliability_report as R
+from tests.helpers import faults as F
+from tests.helpers import report as R
 
 NAME = "reactdiff"
 REPO = Path(__file__).resolve().parents[2]

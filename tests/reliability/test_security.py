@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import reliability_faults as F
-import reliability_report as R
-from extract_fixtures import save_tiny_torchscript
 from pipeline import storage
+from tests.helpers import faults as F
+from tests.helpers import report as R
+from tests.helpers.models import save_tiny_torchscript
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-import reliability_faults as F
-import reliability_report as R
-from train_fixtures import load_config, tiny_overrides
 from pipeline import storage
+from tests.helpers import faults as F
+from tests.helpers import report as R
+from tests.helpers.training import load_config, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +44,12 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"      # Ray Train's record of p
 
 TRAIN_SCRIPT = """
 import json, logging, os, sys
-sys.path.insert(0, sys.argv[2])                      # tests/train: train_fixtures
 from pipeline import runtime  # the suite's hermetic env is inherited
 logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 for noisy in ("urllib3", "botocore", "aiobotocore", "matplotlib", "PIL", "filelock", "git", "alembic"):
     logging.getLogger(noisy).setLevel(logging.INFO)
-from train_fixtures import load_config
 from pipeline.train.job import train
+from tests.helpers.training import load_config
 runtime.init_ray(num_cpus=4)
 print("TRAINING", flush=True)
 train(load_config(json.loads(sys.argv[1])))
@@ -104,12 +103,13 @@ def driver_killed(run):
     ray_tmp = tempfile.mkdtemp(prefix="rdrel", dir="/tmp")     # short: Ray's socket paths are limited
     log_path = run["tmp"] / "driver.log"
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": marker, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1",
-           "REACTDIFF_HOME": str(run["tmp"] / "home")}
+           "REACTDIFF_HOME": str(run["tmp"] / "home"),
+           "PYTHONPATH": str(REPO)}          # the script imports tests.helpers
     env.pop("RAY_ADDRESS", None)
     script = run["tmp"] / "train_driver.py"
     script.write_text(TRAIN_SCRIPT)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(script), json.dumps(run["overrides"]), str(REPO / "tests" / "train")],
+        proc = subprocess.Popen([sys.executable, str(script), json.dumps(run["overrides"])],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         F.wait_for(lambda: _persisted(run["run_dir"], 1) or proc.poll() is not None, 600, 0.05,

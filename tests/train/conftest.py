@@ -13,15 +13,15 @@ import uuid
 
 import pytest
 
-from train_fixtures import DYADS, FRAMES, load_config, tiny_overrides
+from pipeline.data import synth
+from pipeline.data.extract import ExtractConfig, extract
+from pipeline.train.job import train
+from tests.helpers.training import DYADS, FRAMES, load_config, tiny_overrides
 
 
 @pytest.fixture(scope="session")
 def train_snapshot(tmp_path_factory, ray_local, s3_server) -> str:
     """A published feature snapshot (demo feature set) on moto S3; returns its URI."""
-    from pipeline.data import synth
-    from pipeline.data.extract import ExtractConfig, extract
-
     root = tmp_path_factory.mktemp("train-react") / "data"
     synth.generate(str(root), dyads=DYADS, frames=FRAMES, seed=0, release="2024")
     out = f"s3://{s3_server.bucket}/train-{uuid.uuid4().hex[:8]}/snapshots"
@@ -52,8 +52,6 @@ def stage1(train_snapshot, train_storage, train_mlflow):
        the epoch-1 checkpoint, the worker failure restarts the group from it again, and the run
        completes epoch 2 in the same MLflow run.
     """
-    from pipeline.train.job import train
-
     name = "tiny-autoencoder"
     common = tiny_overrides(train_snapshot, train_storage, train_mlflow, "autoencoder", name=name)
     first = train(load_config(common + ["stage1.epochs=1"]))
@@ -64,6 +62,4 @@ def stage1(train_snapshot, train_storage, train_mlflow):
 @pytest.fixture(scope="session")
 def stage2(stage1, train_snapshot, train_storage, train_mlflow):
     """Stage 2 on the frozen stage 1, found through MLflow (newest finished stage-1 run)."""
-    from pipeline.train.job import train
-
     return train(load_config(tiny_overrides(train_snapshot, train_storage, train_mlflow, "diffusion")))

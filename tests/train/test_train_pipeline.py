@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from train_fixtures import FRAMES, load_config, tiny_overrides
+from tests.helpers.training import FRAMES, load_config, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Tiny media files and models for the extraction tests (written with PyAV, soundfile, Pillow, torch)."""
+"""Tiny media files for the tests (written with PyAV, soundfile, Pillow): videos, frame folders,
+audio, and copies of a dataset a test may break."""
 
 from __future__ import annotations
 
@@ -58,6 +59,25 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS, audio
     return path
 
 
+def write_speaker_mp4(path: str | os.PathLike, frames: int = 30, size: int = 96) -> None:
+    """A silent ``size``² H.264 speaker video whose green channel ramps frame by frame."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=FPS)
+        v.width = v.height = size
+        v.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.zeros((size, size, 3), np.uint8)
+            img[:, :, 1] = (i * 8) % 256
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts = i
+            for p in v.encode(f):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+
+
 def write_pngs(folder: str | os.PathLike, frames: np.ndarray) -> str:
     from PIL import Image
 
@@ -88,60 +108,6 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int = RATE) ->
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     soundfile.write(path, samples, rate, subtype="PCM_16")
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny networks going through the real loaders
-
-
-def save_tiny_torchscript(path: str | os.PathLike, width: int = 8, seed: int = 0) -> str:
-    """A per-frame TorchScript network: [n, 3, 224, 224] -> [n, width] (conv, pool, linear)."""
-    import torch
-
-    torch.manual_seed(seed)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8)
-            self.fc = torch.nn.Linear(4 * 4 * 4, width)
-
-        def forward(self, x):
-            x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4)
-            return self.fc(x.flatten(1))
-
-    scripted = torch.jit.script(Tiny().eval())
-    scripted.save(str(path))
-    return str(path)
-
-
-TINY_WAV2VEC2 = dict(
-    extractor_mode="group_norm",
-    # The base model's strides (5 x 2^6 = 320 samples = 20 ms at 16 kHz) with few channels.
-    extractor_conv_layer_config=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-    extractor_conv_bias=False, encoder_embed_dim=32, encoder_projection_dropout=0.0,
-    encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=1, encoder_num_heads=2,
-    encoder_attention_dropout=0.0, encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0,
-    encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
-)
-
-
-def tiny_wav2vec2(seed: int = 0):
-    import torch
-    import torchaudio
-
-    torch.manual_seed(seed)
-    return torchaudio.models.wav2vec2_model(**TINY_WAV2VEC2, aux_num_out=None).eval()
-
-
-def save_tiny_wav2vec2(path: str | os.PathLike, seed: int = 0) -> str:
-    """A randomly initialised small wav2vec2 as {"config", "state_dict"} (torch.save, weights only)."""
-    import torch
-
-    model = tiny_wav2vec2(seed)
-    torch.save({"config": {k: (list(v) if isinstance(v, list) else v) for k, v in TINY_WAV2VEC2.items()},
-                "state_dict": model.state_dict()}, str(path))
-    return str(path)
 
 
 def copy_dataset(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Helpers of the evaluation tests: a tiny feature snapshot and a tiny generator.
+"""A tiny feature snapshot for the evaluation tests, and the generator layout that reads it.
 
 The snapshot is written directly in the reader's format (``pipeline.data.snapshot``: one Parquet file
 per clip with ``list<fixed_size_list>`` feature cells, items, neighbours, manifest last) with
@@ -13,12 +13,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data.snapshot import FORMAT, MANIFEST, clip_file, tensor_array
 
 SPLIT = "val"
 DYADS = 3                 # → 6 directed items
 FRAMES = 751              # REACT clips; the metrics use the first 750
 FEATURES = {"video_pixels": (8, "float16", "facial"), "audio_mfcc26": (26, "float32", "acoustic"),
             "emotion": (25, "float32", "label")}
+# ``tiny_generator(seed, GENERATOR, random_stats=True)`` (tests.helpers.models): the ``small``
+# preset with this snapshot's input widths.
+GENERATOR = dict(facial={"video_pixels": FEATURES["video_pixels"][0]}, acoustic={"audio_mfcc26": 26}, hidden_dim=32)
 
 
 def _emotion(rng: np.random.Generator, frames: int) -> np.ndarray:
@@ -34,12 +42,6 @@ def _emotion(rng: np.random.Generator, frames: int) -> np.ndarray:
 def write_tiny_snapshot(root: str, snapshot_id: str = "20260101T000000Z-tiny", dyads: int = DYADS,
                         seed: int = 0, quarantined: tuple[str, ...] = ()) -> str:
     """Write a complete snapshot with one split of ``dyads`` dyads; returns its URI."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-    from pipeline.data.snapshot import FORMAT, MANIFEST, clip_file, tensor_array
-
     rng = np.random.default_rng(seed)
     uri = storage.join(root, snapshot_id)
     pairs = [(f"NoXI/{d:03d}_session/Expert_video/1", f"NoXI/{d:03d}_session/Novice_video/1") for d in range(dyads)]
@@ -83,16 +85,3 @@ def write_tiny_snapshot(root: str, snapshot_id: str = "20260101T000000Z-tiny", d
     storage.write_text(storage.join(uri, MANIFEST), json.dumps(manifest))
     return uri
 
-
-def tiny_generator(seed: int = 0):
-    """An untrained "small" generator with the tiny snapshot's input widths, latent statistics set."""
-    import torch
-
-    from reactdiff.generator import build_generator
-
-    torch.manual_seed(seed)
-    gen = build_generator("small", facial={"video_pixels": FEATURES["video_pixels"][0]},
-                          acoustic={"audio_mfcc26": 26}, hidden_dim=32)
-    z = torch.randn(4, gen.config.seq_len, gen.config.mmt.feature_dim)
-    gen.latent_stats.update(z)
-    return gen.eval()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pipeline import config
+from pipeline.train.job import TrainConfig
+
 FRAMES = 100
 DYADS = (4, 2, 1)       # train / val / test dyads → 8 / 4 / 2 person clips
 
@@ -23,8 +26,5 @@ def tiny_overrides(snapshot_uri: str, storage_uri: str, tracking_uri: str, stage
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def load_config(overrides: list[str]):
-    from pipeline import config
-    from pipeline.train.job import TrainConfig
-
+def load_config(overrides: list[str]) -> TrainConfig:
     return config.load(TrainConfig, "train", overrides)

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_nodes import stop_session  # noqa: F401  (servers stop like Ray nodes: by session)
-from reliability_faults import own_descendants, wait_for
+from pipeline.runtime import is_local_address
+from tests.helpers.faults import own_descendants, wait_for
+from tests.helpers.ray_nodes import stop_session  # noqa: F401  (servers stop like Ray nodes: by session)
 
 FAR = "127.0.0.2"                 # loopback, outside the suite's NO_PROXY
 REACTDIFF = str(Path(sys.executable).parent / "reactdiff")
@@ -38,8 +39,6 @@ def far_port(host: str = FAR) -> int:
 
 def is_loopback(address: str) -> bool:
     """``ss`` local address ``host:port`` (``[v6]:port``, ``*:port``) on a loopback address?"""
-    from pipeline.runtime import is_local_address
-
     host = address.rsplit(":", 1)[0]
     return host not in ("*", "0.0.0.0", "[::]") and is_local_address(host)
 

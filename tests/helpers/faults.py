@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from pipeline import config
 from pipeline.data import features
 
 # tests/conftest.py's dummy S3 secret (set before this module is imported): a credential like any
@@ -381,9 +382,6 @@ def s3_endpoint(endpoint: str):
 
 def holding_feature_set(path: Path, target: str, control: Path, holds: int) -> str:
     """The demo feature set whose Emotion extractor holds the ``target`` clip's worker."""
-    from pipeline import config
-    from pipeline.data import features
-
     data = config.read_yaml(features.FEATURE_SET_DIR / "demo.yaml")
     data["extractors"]["emotion"] = {"type": "emotion", "target": target, "control": str(control), "holds": holds}
     path.write_text(json.dumps(data))
@@ -395,12 +393,9 @@ def holding_emotion():
     """Route the ``emotion`` extractor type to HoldingEmotion; Ray ships the class by value."""
     import ray.cloudpickle
 
-    import reliability_faults
-    from pipeline.data import features
-
-    ray.cloudpickle.register_pickle_by_value(reliability_faults)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     previous = features.REGISTRY["emotion"]
-    features.REGISTRY["emotion"] = reliability_faults.HoldingEmotion
+    features.REGISTRY["emotion"] = HoldingEmotion
     try:
         yield
     finally:
