@@ -151,12 +151,6 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def copy_tree(src: str, dst: str) -> None:
-    """Copy every file under ``src`` to ``dst`` (same or different filesystem)."""
-    for rel in walk_files(src):
-        write_bytes(join(dst, rel), read_bytes(join(src, rel)))
-
-
 def size(uri: str) -> int:
     fs, path = filesystem(uri)
     return int(fs.size(path))

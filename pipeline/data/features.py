@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # every feature-set hash, so incremental runs re-extract instead of mixing old and new values.
 FEATURES_VERSION = 1
 
-FEATURE_SET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "features"
+FEATURE_SET_DIR = Path(__file__).resolve().parent / "feature_sets"   # package data
 KINDS = ("facial", "acoustic", "label")
 
 
@@ -661,7 +661,7 @@ def feature_set_path(name_or_path: str) -> Path:
 
 
 def load_feature_set(name_or_path: str, models: dict[str, str] | None = None) -> FeatureSet:
-    """A feature set from jobs/configs/features/<name>.yaml or a YAML path; ``models`` maps
+    """A feature set from pipeline/data/feature_sets/<name>.yaml or a YAML path; ``models`` maps
     extractor names to model URIs (overriding ``uri:`` in the file)."""
     path = feature_set_path(name_or_path)
     data = config_mod.read_yaml(path)

@@ -21,7 +21,7 @@ import io
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -158,7 +158,7 @@ class PngFrames(FaceVideo):
             names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
         except FileNotFoundError:
             raise ClipError("decode_video", uri, "PNG frame folder not found") from None
-        numbers = sorted(int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit())
+        numbers = sorted(n for n in map(png_number, names) if n is not None)
         if not numbers:
             raise ClipError("decode_video", uri, "no N.png frames in the folder")
         if numbers != list(range(1, len(numbers) + 1)):
@@ -184,6 +184,43 @@ class PngFrames(FaceVideo):
         if len(shapes) != 1:
             raise ClipError("decode_video", self.uri, f"PNG frames have different sizes {sorted(shapes)}")
         return np.stack(out)
+
+
+def png_number(name: str) -> int | None:
+    """N of a frame file "N.png" (REACT 2023), else None."""
+    stem = name[:-4]
+    return int(stem) if name.endswith(".png") and stem.isdigit() else None
+
+
+def group_pngs(rels: Iterable[str]) -> dict[str, list[int]]:
+    """folder -> sorted N of its N.png files, from relative file paths."""
+    folders: dict[str, list[int]] = {}
+    for rel in rels:
+        folder, name = posixpath.split(rel)
+        n = png_number(name)
+        if n is not None and folder:
+            folders.setdefault(folder, []).append(n)
+    return {k: sorted(v) for k, v in folders.items()}
+
+
+def png_frame_numbers(video_uri: str) -> dict[str, list[int]]:
+    """clip path -> sorted PNG frame numbers, walking folder by folder."""
+    fs, base = storage.filesystem(video_uri)
+    folders: dict[str, list[int]] = {}
+    if not storage.is_remote(video_uri):
+        # os.walk uses directory entries without a stat per file: a 2023 release has
+        # millions of PNGs, where fsspec's local walk would stat every one of them.
+        for dirpath, _, filenames in os.walk(base):
+            numbers = sorted(n for n in map(png_number, filenames) if n is not None)
+            if numbers:
+                folders[os.path.relpath(dirpath, base).replace(os.sep, "/")] = numbers
+        return folders
+    prefix = base.rstrip("/") + "/"
+    for dirpath, _, filenames in fs.walk(base):
+        numbers = sorted(n for n in map(png_number, filenames) if n is not None)
+        if numbers:
+            folders[dirpath[len(prefix):] if dirpath.startswith(prefix) else dirpath] = numbers
+    return folders
 
 
 def open_video(uri: str, video_format: str = "mp4") -> FaceVideo:
@@ -293,34 +330,57 @@ def audio_at(audio: Audio, rate: int) -> Audio:
 
 
 # ---------------------------------------------------------------------------------------------
-# Labels
+# Probing: what a file holds, from its headers (no decoding); ClipError(stage "probe") when unreadable
 
 
-def read_emotion(uri: str) -> np.ndarray:
-    """[T, 25] float32 facial attributes (REACT Emotion csv); ClipError on a bad file."""
-    from pipeline.data import react
+def mp4_info(uri: str) -> tuple[int, float, tuple[int, int]]:
+    """(frames, fps, (height, width)) of a video file from its container metadata (no decoding)."""
+    import av
 
+    fs, path = storage.filesystem(uri)
     try:
-        return react.read_emotion(uri)
-    except react.ReactLayoutError as exc:
-        raise ClipError("labels", exc.uri, exc.reason) from None
-    except Exception as exc:
-        raise ClipError("labels", uri, f"cannot read Emotion csv ({_short(exc)})") from None
+        with fs.open(path, "rb") as f, av.open(f) as container:
+            if not container.streams.video:
+                raise ClipError("probe", uri, "no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = int(stream.frames or 0)
+            if frames == 0:  # containers without a frame count: count packets (no decoding)
+                frames = sum(1 for p in container.demux(stream) if p.size)
+            return frames, fps, (stream.codec_context.height, stream.codec_context.width)
+    except FileNotFoundError:
+        raise ClipError("probe", uri, "video not found") from None
+    except av.FFmpegError as exc:
+        raise ClipError("probe", uri, f"cannot read video container ({exc})") from None
 
 
-def read_tdmm(uri: str) -> np.ndarray:
-    """[T, 58] float32 FaceVerse 3DMM coefficients (squeezed); ClipError on a bad file."""
-    from pipeline.data import react
+def png_size(uri: str) -> tuple[int, int]:
+    """(height, width) of a PNG frame from its header."""
+    from PIL import Image, UnidentifiedImageError
 
+    fs, path = storage.filesystem(uri)
     try:
-        arr = react.read_tdmm(uri)
-    except react.ReactLayoutError as exc:
-        raise ClipError("labels", exc.uri, exc.reason) from None
-    except Exception as exc:
-        raise ClipError("labels", uri, f"cannot read 3DMM npy ({_short(exc)})") from None
-    if not np.isfinite(arr).all():
-        raise ClipError("labels", uri, "3DMM array contains NaN or infinite values")
-    return arr
+        with fs.open(path, "rb") as f, Image.open(f) as img:
+            return img.height, img.width
+    except FileNotFoundError:
+        raise ClipError("probe", uri, "PNG frame not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ClipError("probe", uri, f"not a readable PNG ({exc})") from None
+
+
+def wav_info(uri: str) -> tuple[float, int]:
+    """(seconds, sample rate) of a wav file from its header."""
+    import soundfile
+
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            info = soundfile.info(f)
+    except FileNotFoundError:
+        raise ClipError("probe", uri, "audio not found") from None
+    except (RuntimeError, soundfile.LibsndfileError) as exc:
+        raise ClipError("probe", uri, f"cannot read audio ({exc})") from None
+    return info.frames / info.samplerate, int(info.samplerate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from pipeline import storage
+from pipeline.data.media import ClipError, group_pngs, mp4_info, png_frame_numbers, png_size, wav_info
 
 log = logging.getLogger(__name__)
 
@@ -325,11 +326,9 @@ def read_emotion(uri: str) -> np.ndarray:
 def read_tdmm(uri: str) -> np.ndarray:
     """[T, 58] float32 from a 3D_FV_files npy stored as T x 58 or T x 1 x 58."""
     try:
-        arr = storage.read_npy(uri)
+        arr = read_npy(uri)
     except FileNotFoundError:
         raise ReactLayoutError(uri, "3DMM npy not found") from None
-    except ValueError as exc:
-        raise ReactLayoutError(uri, f"not a readable .npy array ({exc})") from None
     if arr.ndim == 3 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 2 or arr.shape[1] != TDMM_DIM or arr.shape[0] == 0:
@@ -340,56 +339,6 @@ def read_tdmm(uri: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ReactLayoutError(uri, "3DMM array contains NaN or infinite values")
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def mp4_info(uri: str) -> tuple[int, float, tuple[int, int]]:
-    """(frames, fps, (height, width)) of a video file from its container metadata (no decoding)."""
-    import av
-
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open(path, "rb") as f, av.open(f) as container:
-            if not container.streams.video:
-                raise ReactLayoutError(uri, "no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = int(stream.frames or 0)
-            if frames == 0:  # containers without a frame count: count packets (no decoding)
-                frames = sum(1 for p in container.demux(stream) if p.size)
-            return frames, fps, (stream.codec_context.height, stream.codec_context.width)
-    except FileNotFoundError:
-        raise ReactLayoutError(uri, "video not found") from None
-    except av.FFmpegError as exc:
-        raise ReactLayoutError(uri, f"cannot read video container ({exc})") from None
-
-
-def png_size(uri: str) -> tuple[int, int]:
-    """(height, width) of a PNG frame from its header."""
-    from PIL import Image, UnidentifiedImageError
-
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open(path, "rb") as f, Image.open(f) as img:
-            return img.height, img.width
-    except FileNotFoundError:
-        raise ReactLayoutError(uri, "PNG frame not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ReactLayoutError(uri, f"not a readable PNG ({exc})") from None
-
-
-def wav_info(uri: str) -> tuple[float, int]:
-    """(seconds, sample rate) of a wav file from its header."""
-    import soundfile
-
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            info = soundfile.info(f)
-    except FileNotFoundError:
-        raise ReactLayoutError(uri, "audio not found") from None
-    except (RuntimeError, soundfile.LibsndfileError) as exc:
-        raise ReactLayoutError(uri, f"cannot read audio ({exc})") from None
-    return info.frames / info.samplerate, int(info.samplerate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,13 +464,13 @@ class ReactDataset:
         if folders[VIDEO]:
             video_format = self._detect_video_format(split, video_uri)
             if video_format == "png":
-                pngs = _png_frame_numbers(video_uri)
+                pngs = png_frame_numbers(video_uri)
             elif video_format == "mp4":
                 mp4s = set(storage.walk_files(video_uri, ".mp4"))
             else:  # nothing at the expected places: list everything once and classify
                 rels = list(storage.walk_files(video_uri))
                 mp4s = {r for r in rels if r.endswith(".mp4")}
-                pngs = _group_pngs(rels)
+                pngs = group_pngs(rels)
                 video_format = "mp4" if mp4s else ("png" if pngs else None)
         files[VIDEO] = mp4s
         index = _SplitIndex(video_format, folders, files, pngs)
@@ -588,10 +537,7 @@ class ReactDataset:
         n = 2 * len(self._pairs[split])
         ready = storage.join(self.root, split_neighbours_file(split))
         if storage.exists(ready):
-            try:
-                matrix = storage.read_npy(ready)
-            except ValueError as exc:
-                raise ReactLayoutError(ready, f"not a readable .npy array ({exc})") from None
+            matrix = read_npy(ready)
             if matrix.shape != (n, n):
                 raise ReactLayoutError(ready, f"shape {tuple(matrix.shape)} does not match {split}.csv "
                                        f"({n // 2} rows -> {n} x {n} items); regenerate it for this csv")
@@ -601,7 +547,7 @@ class ReactDataset:
         if indices_uri is None or not storage.exists(big_uri):
             return None, None
         keys = read_data_indices(indices_uri)
-        big = _load_matrix(big_uri)
+        big = read_npy(big_uri, large=True)
         matrix = split_neighbours(big, keys, self._pairs[split], where=self.csv_uri(split),
                                   indices_uri=indices_uri, matrix_uri=big_uri)
         rel_indices = indices_uri[len(self.root):].lstrip("/")
@@ -619,10 +565,7 @@ class ReactDataset:
         uri = storage.join(self.root, MEAN_FACE)
         if not storage.exists(uri):
             return None
-        try:
-            arr = storage.read_npy(uri).astype(np.float32).reshape(-1)
-        except ValueError as exc:
-            raise ReactLayoutError(uri, f"not a readable .npy array ({exc})") from None
+        arr = read_npy(uri).astype(np.float32).reshape(-1)
         if arr.size != TDMM_DIM:
             raise ReactLayoutError(uri, f"expected {TDMM_DIM} values, got {arr.size}")
         return arr
@@ -659,7 +602,7 @@ class ReactDataset:
                     info["emotion_frames"] = len(read_emotion(uri))
                 else:
                     info["tdmm_frames"] = len(read_tdmm(uri))
-            except ReactLayoutError as exc:
+            except (ReactLayoutError, ClipError) as exc:
                 problems.append(Problem(exc.uri, exc.reason, clip.clip_id, clip.split))
             except Exception as exc:  # a corrupt file must become a problem row, not a crash
                 add(uri, f"unreadable ({type(exc).__name__}: {exc})")
@@ -800,56 +743,22 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def _load_matrix(uri: str) -> np.ndarray:
-    # The organisers' matrix is 2M x 2M over every dyad (8 614^2 entries for REACT2023): map a
-    # local file instead of reading it whole; a remote one has to be downloaded once.
-    if not storage.is_remote(uri):
-        _, path = storage.filesystem(uri)
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise ReactLayoutError(uri, f"not a readable .npy array ({exc})") from None
-    fs, path = storage.filesystem(uri)
+def read_npy(uri: str, large: bool = False) -> np.ndarray:
+    """An array of the dataset (never unpickled); ReactLayoutError naming the file when unreadable.
+
+    ``large``: the organisers' 2M x 2M matrix (8 614^2 entries for REACT2023): a local file is
+    memory-mapped instead of read whole, a remote one streamed (one copy in memory, not two).
+    """
     try:
-        with fs.open(path, "rb") as f:    # numpy reads a stream in chunks: one copy in memory, not two
+        if not large:
+            return storage.read_npy(uri)
+        fs, path = storage.filesystem(uri)
+        if not storage.is_remote(uri):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        with fs.open(path, "rb") as f:
             return np.load(f, allow_pickle=False)
     except ValueError as exc:
         raise ReactLayoutError(uri, f"not a readable .npy array ({exc})") from None
-
-
-def _png_number(name: str) -> int | None:
-    stem = name[:-4]
-    return int(stem) if name.endswith(".png") and stem.isdigit() else None
-
-
-def _group_pngs(rels: Iterable[str]) -> dict[str, list[int]]:
-    folders: dict[str, list[int]] = {}
-    for rel in rels:
-        folder, name = posixpath.split(rel)
-        n = _png_number(name)
-        if n is not None and folder:
-            folders.setdefault(folder, []).append(n)
-    return {k: sorted(v) for k, v in folders.items()}
-
-
-def _png_frame_numbers(video_uri: str) -> dict[str, list[int]]:
-    """clip path -> sorted PNG frame numbers, walking folder by folder."""
-    fs, base = storage.filesystem(video_uri)
-    folders: dict[str, list[int]] = {}
-    if not storage.is_remote(video_uri):
-        # os.walk uses directory entries without a stat per file: a 2023 release has
-        # millions of PNGs, where fsspec's local walk would stat every one of them.
-        for dirpath, _, filenames in os.walk(base):
-            numbers = sorted(n for n in map(_png_number, filenames) if n is not None)
-            if numbers:
-                folders[os.path.relpath(dirpath, base).replace(os.sep, "/")] = numbers
-        return folders
-    prefix = base.rstrip("/") + "/"
-    for dirpath, _, filenames in fs.walk(base):
-        numbers = sorted(n for n in map(_png_number, filenames) if n is not None)
-        if numbers:
-            folders[dirpath[len(prefix):] if dirpath.startswith(prefix) else dirpath] = numbers
-    return folders
 
 
 def open_dataset(root: str) -> ReactDataset:

@@ -27,7 +27,6 @@ video frames are identical (x264 runs single-threaded, so the mp4 bytes are too 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -716,8 +715,3 @@ def _upload(local: str, out: str) -> None:
             rpaths.append(base.rstrip("/") + "/" + os.path.relpath(lp, local).replace(os.sep, "/"))
     log.info("uploading %d files to %s", len(lpaths), out)
     fs.put(lpaths, rpaths)   # s3fs uploads the batch concurrently
-
-
-def summary_json(summary: SynthSummary) -> str:
-    """The summary without the per-dyad ground truth, for printing."""
-    return json.dumps({k: v for k, v in summary.to_dict().items() if k != "truth"}, indent=2)
