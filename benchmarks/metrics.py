@@ -48,9 +48,11 @@ def _react_like_clips(rng: np.random.Generator, n: int, frames: int) -> np.ndarr
     return np.concatenate([au, va, expr.astype(np.float32)], axis=2)
 
 
-def synthetic_inputs(n_items: int, seed: int = 0, samples: int = SAMPLES, frames: int = FRAMES):
+def synthetic_inputs(n_items: int, seed: int = 0, samples: int = SAMPLES, frames: int = FRAMES,
+                     others=lambda rng: rng.integers(1, 5)):
     """Bidirectional items (N = 2L, mirrored second half), neighbours = diagonal + mirrored item
-    + 1-4 random others (3-6 per row), predictions = distinct noisy variants per sample."""
+    + ``others(rng)`` random others (default 1-4: 3-6 per row), predictions = distinct noisy
+    variants per sample (one item at a time: REACT-sized sets stay within memory)."""
     rng = np.random.default_rng(seed)
     dyads = n_items // 2
     a, b = _react_like_clips(rng, dyads, frames), _react_like_clips(rng, dyads, frames)
@@ -59,9 +61,11 @@ def synthetic_inputs(n_items: int, seed: int = 0, samples: int = SAMPLES, frames
     neighbours = np.eye(n, dtype=np.uint8)
     neighbours[np.arange(n), (np.arange(n) + dyads) % n] = 1
     for k in range(n):
-        neighbours[k, rng.choice(n, size=rng.integers(1, 5), replace=False)] = 1
-    source = listener[rng.integers(0, n, size=(n, samples))]
-    pred = np.clip(source + rng.normal(0, 0.15, source.shape), 0, 1).astype(np.float32)
+        neighbours[k, rng.choice(n, size=min(n, others(rng)), replace=False)] = 1
+    pred = np.empty((n, samples, frames, listener.shape[2]), dtype=np.float32)
+    for k in range(n):
+        source = listener[rng.integers(0, n, size=samples)]
+        pred[k] = np.clip(source + rng.normal(0, 0.15, source.shape), 0, 1)
     return pred, listener, speaker, neighbours
 
 

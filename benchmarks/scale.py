@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 from benchmarks import official_reference as official
-from benchmarks.metrics import _react_like_clips
+from benchmarks.metrics import synthetic_inputs
 
 # The paper model's stage-1 step on one GPU, the stand-in's cost: 6 x 124.7 M parameters x
 # 4 clips x 750 frames = 2.2 TFLOP per step (the 25 088-wide input projection dominates and is
@@ -92,31 +92,24 @@ def extraction(sizes: list[int], frames: int) -> dict:
 # 2. a full-size evaluation
 
 
-def react_sized_inputs(n_items: int, samples: int = 10, frames: int = 750, seed: int = 0):
-    """Bidirectional items, neighbours = diagonal + mirrored item + Poisson(3) others (capped)."""
-    rng = np.random.default_rng(seed)
-    dyads = n_items // 2
-    a, b = _react_like_clips(rng, dyads, frames), _react_like_clips(rng, dyads, frames)
-    speaker, listener = np.concatenate([a, b]), np.concatenate([b, a])
-    n = 2 * dyads
-    neighbours = np.eye(n, dtype=np.uint8)
-    neighbours[np.arange(n), (np.arange(n) + dyads) % n] = 1
-    for k in range(n):
-        neighbours[k, rng.choice(n, size=min(n, rng.poisson(3)), replace=False)] = 1
-    pred = np.empty((n, samples, frames, 25), dtype=np.float32)
-    for k in range(n):   # a noisy variant of some real listener per sample: like a model's output
-        source = listener[rng.integers(0, n, size=samples)]
-        pred[k] = np.clip(source + rng.normal(0, 0.15, source.shape), 0, 1)
-    return pred, listener, speaker, neighbours
+def react_sized_inputs(n_items: int, seed: int = 0):
+    """Bidirectional items, neighbours = diagonal + mirrored item + Poisson(3) others (mean ~5)."""
+    return synthetic_inputs(n_items, seed=seed, others=lambda rng: rng.poisson(3))
 
 
-def _score_fn():
-    """The evaluation job's metric entry point (pipeline/evaluate is being split: either module)."""
+def _score_fn(distributed: bool):
+    """The evaluation job's metric path: ``score`` with FRDist rows over Ray tasks (pipeline/evaluate
+    is being restructured: the split modules if present, else the one job module)."""
     try:
         from pipeline.evaluate.protocol import score
+        from pipeline.evaluate.scoring import frdist_distributed
     except ImportError:
-        from pipeline.evaluate.job import score
-    return score
+        from pipeline.evaluate.job import frdist_distributed, score
+    else:
+        if distributed:
+            return lambda *args: score(*args, frdist=frdist_distributed)
+        return score
+    return lambda *args: score(*args, distributed=distributed)
 
 
 def evaluation(n_items: int, subset_rows: int) -> dict:
@@ -130,19 +123,18 @@ def evaluation(n_items: int, subset_rows: int) -> dict:
     inputs_s = time.perf_counter() - t0
     per_row = neighbours.sum(axis=1).astype(int)
     pairs = int(per_row.sum()) * pred.shape[1]
-    score = _score_fn()
     try:   # the job's path: FRDist rows over Ray tasks
         runtime.init_ray()
         cpus, distributed = int(ray.cluster_resources().get("CPU", 1)), True
     except Exception as exc:   # an overloaded shared host can time Ray's start-up out
         print(f"Ray did not start ({exc}); scoring in-process (numba threads on all cores)", flush=True)
         cpus, distributed = os.cpu_count(), False
-    score(pred[:4, :2, :60], listener[:4, :60], speaker[:4, :60], np.eye(4), frdist_tasks=2,
-          distributed=distributed)  # compile, warm
+    score = _score_fn(distributed)
+    score(pred[:4, :2, :60], listener[:4, :60], speaker[:4, :60], np.eye(4))  # compile, warm workers
     official.frdist_rows(pred[:1, :1, :20], listener[:1, :20], np.eye(1), [0])
     load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    values, timings = score(pred, listener, speaker, neighbours, distributed=distributed)
+    values, timings = score(pred, listener, speaker, neighbours)
     full_s, driver_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     # Official structure on a subset, against ours on the same rows (one thread, same process).
