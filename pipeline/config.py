@@ -1,7 +1,13 @@
 """Typed job configuration: YAML files + ``--set key=value`` overrides → dataclasses.
 
 Configs are validated once, here, at the edge; inner code receives typed objects. An unknown
-key or a value of the wrong type raises ``ConfigError`` naming the dotted key.
+key or a value of the wrong type raises ``ConfigError`` naming the dotted key (the coercion is
+``reactdiff.config``'s, shared with generator files).
+
+Each option is declared once, on its dataclass field: ``option(default, "help", flag="--x")``.
+``add_options`` turns the flagged fields into argparse options (and lists the others in the
+epilog as ``--set`` keys); ``load_args`` reads them back. Precedence: dataclass default <
+``--config`` YAML < ``--set`` < command-line options.
 """
 
 from __future__ import annotations
