@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import config as config_mod
+from pipeline.config import option
 from pipeline import storage
 from pipeline import runtime
 from pipeline.data import react
@@ -81,25 +82,30 @@ TASK_RETRIES = 3
 @dataclass
 class ExtractConfig:
     """``reactdiff extract`` settings (jobs/configs/extract.yaml; every key can be ``--set``)."""
-
-    data: str | None = None                 # REACT dataset root (local path or s3://)
-    out: str | None = None                  # snapshots root; default <workdir>/snapshots
-    feature_set: str = "demo"               # bundled name (demo, paper) or a YAML path
-    models: dict[str, str] = field(default_factory=dict)   # extractor name -> model URI
-    splits: list[str] = field(default_factory=list)        # empty: every split with a csv
-    incremental_from: str | None = None     # snapshot URI or id, or "latest" (under out)
-    fps: float = 25.0                       # REACT video rate; audio frames are rate / fps samples
-    frames: int | None = None               # crop/pad every clip to this many frames (REACT: 751);
-                                            # null: each clip's own video frame count
-    frame_tolerance: int = 2                # modalities may differ by this many frames (pad/crop)
-    decode_chunk: int = 64                  # frames decoded at once (memory per task)
-    compression_level: int = 3              # zstd level of the Parquet files
-    max_failure_fraction: float = 0.05      # above this quarantined fraction: no publish, exit 1
-    device: str = "auto"                    # networks on: auto (GPU if the cluster has one) | cpu | cuda
-    network_actors: int | None = None       # max actors per network stage (default: GPUs, or 1 on CPU)
-    cpus_per_actor: float = 1.0             # CPUs per network actor
-    limit: int | None = None                # only the first N clips (smoke runs)
-    ray_address: str | None = None          # attach to a cluster (default: $RAY_ADDRESS or local)
+    data: str | None = option(None, "REACT dataset root: local path or s3://bucket/prefix (required)",
+                              flag="--data")
+    out: str | None = option(None, "snapshots root (default: <workdir>/snapshots)", flag="--out")
+    feature_set: str = option("demo", "demo | paper | path to a feature-set YAML", flag="--feature-set")
+    models: dict[str, str] = option({}, "model file of extractor NAME (repeatable), e.g. au=s3://models/au.pt",
+                                    flag="--model", metavar="NAME=URI")
+    splits: list[str] = option([], "only these splits (train val test; default: every split with a csv)",
+                               flag="--splits", metavar="SPLIT")
+    incremental_from: str | None = option(None, "carry unchanged clips over from this snapshot (URI, id, or "
+                                          "'latest' under out)", flag="--incremental-from", metavar="SNAPSHOT")
+    fps: float = option(25.0, "REACT video rate; audio frames are rate / fps samples")
+    frames: int | None = option(None, "crop/pad every clip to this many frames (REACT: 751); "
+                                      "null: each clip's own video frame count")
+    frame_tolerance: int = option(2, "frames the modalities of one clip may differ by (padded/cropped) "
+                                     "before quarantine")
+    decode_chunk: int = option(64, "frames decoded at once (bounds memory per task)")
+    compression_level: int = option(3, "zstd level of the Parquet files")
+    max_failure_fraction: float = option(0.05, "quarantined fraction above which nothing is published (exit 1)")
+    device: str = option("auto", "where networks run: auto (GPU when the cluster has one) | cpu | cuda")
+    network_actors: int | None = option(None, "max actors per network stage (default: number of GPUs, or 1)")
+    cpus_per_actor: float = option(1.0, "CPUs per network actor")
+    limit: int | None = option(None, "only the first N clips (smoke runs)", flag="--limit")
+    ray_address: str | None = option(None, "Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray "
+                                           "on 127.0.0.1)", flag="--ray-address")
 
     def validate(self) -> None:
         if not self.data:

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pipeline import storage
+from pipeline.errors import UserError
 
 # Reference preprocessing (Hunan-Tiger/ReactDiff extract_feature.py): PIL frame -> Resize(256)
 # (shorter side) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5).
@@ -33,7 +34,7 @@ RESIZE_SHORTER = 256
 CROP = 224
 
 
-class ClipError(Exception):
+class ClipError(UserError):
     """One clip cannot be used: ``stage`` (decode_video, decode_audio, labels, ...), ``uri``, ``reason``."""
 
     def __init__(self, stage: str, uri: str | None, reason: str):

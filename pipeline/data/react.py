@@ -43,6 +43,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data.media import ClipError, group_pngs, mp4_info, png_frame_numbers, png_size, wav_info
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def split_neighbours_file(split: str) -> str:
     return f"neighbour_emotion_{split}.npy"
 
 
-class ReactLayoutError(ValueError):
+class ReactLayoutError(UserError, ValueError):
     """The dataset layout is unusable; ``uri`` names the file at fault, ``reason`` says why."""
 
     def __init__(self, uri: str, reason: str):

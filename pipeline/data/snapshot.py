@@ -36,6 +36,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.media import ClipError
 from pipeline.data.react import Item
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.data.features import Extractor
@@ -49,7 +50,7 @@ META_COLUMNS = ID_COLUMNS + ("num_frames", "fps", "video_uri", "video_format", "
                              "emotion_uri", "tdmm_uri", "content_hash")
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(UserError, RuntimeError):
     """The snapshot is missing, incomplete (no manifest) or does not hold what was asked."""
 
 

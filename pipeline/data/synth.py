@@ -39,6 +39,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import storage
+from pipeline.config import option
+from pipeline.errors import UserError
 from pipeline.data.behaviour import (BEHAVIOURS, BROW, EYES, FROWN, LATENT, LOOK as _LOOK, LABELS as _LABELS, MOUTH,
                                 PERSON as _PERSON, PITCH, PLAN as _PLAN, REACT as _REACT, ROLL, SMILE,
                                 VOICE as _VOICE, FACE_MODEL as _FACE_MODEL, YAW, rng as _rng)
@@ -53,7 +55,7 @@ MARKER = "synthetic.json"         # written last: parameters + ground truth; its
 SIZE = 256
 
 
-class SynthError(RuntimeError):
+class SynthError(UserError, RuntimeError):
     """The output location cannot take a synthetic dataset (the message says why and what to do)."""
 
 
@@ -61,14 +63,22 @@ class SynthError(RuntimeError):
 class SynthConfig:
     """Options of ``reactdiff synth`` (YAML/``--set`` keys)."""
 
-    out: str = ""                     # dataset root (local or s3://); "" = <working directory>/data
-    dyads: list[int] = field(default_factory=lambda: [8, 4, 4])    # train, val, test
-    frames: int = 751
-    seed: int = 0
-    release: str = "2024"             # "2024" (mp4, Emotion P1/P2) | "2023" (PNG folders, UDIVA too)
-    behaviour: str = "prototype"      # behaviour model: prototype (demo) | backchannel (pipeline.data.behaviour)
-    workers: int = 0                  # 0 = automatic
-    overwrite: bool = False
+    out: str = option("", "dataset root to write, local path or s3://bucket/prefix "
+                          "(default: <working directory>/data)", flag="--out", metavar="URI")
+    dyads: list[int] = option([8, 4, 4], "dyads per split (train, val, test); each dyad is two person clips",
+                              flag="--dyads", metavar="TRAIN,VAL,TEST")
+    frames: int = option(751, "frames per clip at 25 fps (REACT: 751)", flag="--frames")
+    seed: int = option(0, "random seed; same seed, same data", flag="--seed")
+    release: str = option("2024", "2024: mp4 videos, Emotion roles renamed P1/P2; 2023: PNG frame folders, "
+                                  "original role names, UDIVA dyads too", flag="--release", choices=["2024", "2023"])
+    behaviour: str = option("prototype", "behaviour model (pipeline.data.behaviour): prototype (three speaker "
+                                         "prototypes, mirror/complementary/dampened listeners; the demo's) or "
+                                         "backchannel (speaker groups, listeners that smile, raise brows and nod "
+                                         "while the partner talks)", flag="--behaviour", choices=list(BEHAVIOURS))
+    workers: int = option(0, "processes rendering clips (default 0: one per CPU for sizeable datasets)",
+                          flag="--workers")
+    overwrite: bool = option(False, "replace the files of an existing synthetic dataset at --out",
+                             flag="--overwrite")
 
     def validate(self) -> None:
         from pipeline.config import ConfigError
