@@ -85,7 +85,7 @@ class GenerateConfig:
                              flag="--out", metavar="DIR")
     samples: int = option(10, "reactions per speaker", flag="--samples")
     seed: int = option(0, "one clip: the generator seed; with --split, item k uses "
-                          "pipeline.evaluate.job.item_seed(seed, k)", flag="--seed")
+                          "pipeline.evaluate.protocol.item_seed(seed, k)", flag="--seed")
     steps: int | None = option(None, "DDIM steps (default: the generator's schedule)", flag="--steps")
     decoder_dropout: bool = option(False, "sample with the frozen decoder's dropout on, as the reference does "
                                           "(more diverse, less faithful)", flag="--decoder-dropout")
