@@ -88,7 +88,7 @@ def test_a_clip_that_kills_its_worker_every_time_is_quarantined_after_bounded_re
     if state["released"]:
         outcome = f"NOT bounded: {n} attempts, still retrying when the test released the clip"
     else:
-        outcome = f"quarantined [{q.get(target.clip_id, {}).get('stage')}] after {n} attempts"
+        outcome = f"quarantined [{getattr(q.get(target.clip_id), 'stage', None)}] after {n} attempts"
     R.case(R.FAULT, "a clip kills its worker on every attempt", outcome, nodeid=request.node.nodeid)
     assert not state["released"], outcome
     assert q[target.clip_id].stage == "worker" and n <= 4
@@ -194,5 +194,5 @@ def test_a_job_interrupted_before_publishing_leaves_no_snapshot_readers_take(cle
     R.rows("re-run after a job stopped at the publish point", c.considered, c.clips, c.quarantined)
     R.case(R.FAULT, "job stopped just before writing the manifest",
            "partial folder ignored by latest, refused by open/train; re-run published",
-           nodeid=request.node.nodeid, detail=f"{c['processed']} re-extracted, {c['carried']} carried")
+           nodeid=request.node.nodeid, detail=f"{c.processed} re-extracted, {c.carried} carried")
     assert (c.clips, c.processed) == (2, 2)
