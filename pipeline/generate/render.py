@@ -4,8 +4,9 @@
 H.264 at 25 fps with the speaker's audio when there is one. (The trajectory plot of the
 reactions is ``pipeline.plots.plot_reactions``.)
 
-The face is drawn by ``CartoonFaceRenderer``: a 2D face in plain numpy, driven by the 25
-attributes and the head pose of the 3DMM (§6 of the reference note). The reference renders
+The face is drawn by ``CartoonFaceRenderer``: the 2D numpy face of ``pipeline.data.face`` (the
+one synthetic data is drawn with), driven by the 25 attributes and the head pose of the 3DMM
+(§6 of the reference note). The reference renders
 FaceVerse v2 meshes and PIRender frames; their assets are licensed and not shipped, so the
 renderer is a seam: anything with ``size`` and ``render(emotion, tdmm) -> frames`` can replace
 the cartoon (``load_renderer("my_pkg.faceverse:FaceVerseRenderer")``).
@@ -21,19 +22,10 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipeline.data.react import EMOTION_COLUMNS, FPS
+from pipeline.data.face import NEUTRAL_LOOK, CartoonFace, Look, face_parameters
+from pipeline.data.react import FPS
 
 log = logging.getLogger(__name__)
-
-# REACT facial attributes (model.md §1.2): 15 AU occurrences, valence, arousal, 8 expressions.
-AU_NAMES = EMOTION_COLUMNS[:15]
-EXPRESSION_NAMES = EMOTION_COLUMNS[17:]
-_AU = {name: i for i, name in enumerate(AU_NAMES)}
-_EXPR = {name: 17 + i for i, name in enumerate(EXPRESSION_NAMES)}
-
-# FaceVerse v2 coefficients (model.md §1.2/§6): 52 expression, then rotation (Euler angles about
-# x, y, z = pitch, yaw, roll, radians), then translation.
-ROTATION = slice(52, 55)
 
 # --------------------------------------------------------------------------------------------
 # Faces: the renderer seam and the numpy cartoon
@@ -75,168 +67,27 @@ def load_renderer(spec: str | None = None, *, size: int = 256) -> FaceRenderer:
     return renderer
 
 
-_SKIN, _OUTLINE, _BROW = (np.array(c, np.float32) for c in
-                          ([0.96, 0.80, 0.66], [0.55, 0.38, 0.28], [0.30, 0.20, 0.14]))
-_LIP, _MOUTH, _BLUSH = (np.array(c, np.float32) for c in
-                        ([0.78, 0.33, 0.33], [0.35, 0.05, 0.08], [0.95, 0.50, 0.50]))
-_EYE_WHITE, _IRIS, _BACKGROUND = (np.array(c, np.float32) for c in
-                                  ([1.0, 1.0, 1.0], [0.18, 0.26, 0.34], [0.16, 0.17, 0.20]))
-
-
 class CartoonFaceRenderer:
-    """A 2D face drawn with numpy from the 25 attributes and the 3DMM head pose.
+    """The built-in face: ``pipeline.data.face.CartoonFace`` (the face synthetic data is drawn
+    with) driven by the 25 attributes and the 3DMM head pose through ``face_parameters``; see
+    there which attribute moves what. ``jaw_coefficient``/``jaw_gain``: an optional 3DMM
+    expression coefficient that also opens the mouth."""
 
-    What moves (AU numbers are FACS; values are the generated occurrence scores in [0, 1]):
-
-    * head: roll rotates the whole face, yaw and pitch shift the features across it
-      (3DMM rotation, coefficients 52–54, clipped to ±0.5 rad);
-    * brows: AU1 raises the inner ends, AU2 the outer ends, AU4 lowers and knits them;
-    * eyes: AU6/AU7 narrow them, Surprise/Fear widen them, the irises follow the head;
-    * cheeks: AU6 shows as a blush;
-    * mouth: AU25 (lips part) and AU26 (jaw drop) open it — plus an optional 3DMM expression
-      coefficient (``jaw_coefficient``; FaceVerse v2 does not document which of its 52
-      expression bases is the jaw, so none is used unless you name one); AU12 and Happy pull
-      the corners up into a smile, AU15 and Sad pull them down, AU23/AU24 press the lips thin.
-
-    Translation is not drawn: REACT videos are face crops, so the face stays centred.
-    """
-
-    def __init__(self, size: int = 256, *, jaw_coefficient: int | None = None, jaw_gain: float = 1.0):
-        if size < 32:
-            raise ValueError("face size must be at least 32 pixels")
-        self.size = int(size)
-        self.jaw_coefficient = jaw_coefficient
-        self.jaw_gain = float(jaw_gain)
-        axis = ((np.arange(self.size) + 0.5) / self.size * 2.0 - 1.0).astype(np.float32)
-        self._x, self._y = np.meshgrid(axis, axis)  # pixel centres in [-1, 1]
-        self._pixel = 2.0 / self.size
+    def __init__(self, size: int = 256, *, jaw_coefficient: int | None = None, jaw_gain: float = 1.0,
+                 look: Look = NEUTRAL_LOOK):
+        self.face = CartoonFace(look, size)
+        self.size = self.face.size
+        self.jaw_coefficient, self.jaw_gain = jaw_coefficient, float(jaw_gain)
 
     def render(self, emotion: np.ndarray, tdmm: np.ndarray) -> Iterator[np.ndarray]:
-        emotion = np.asarray(emotion, np.float32)
-        tdmm = np.asarray(tdmm, np.float32)
         if len(emotion) != len(tdmm):
             raise ValueError(f"emotion has {len(emotion)} frames but tdmm has {len(tdmm)}")
-        for e, c in zip(emotion, tdmm):
-            yield self.frame(e, c)
-
-    # -- one frame ---------------------------------------------------------------------------
+        yield from self.face.frames(face_parameters(emotion, tdmm, jaw_coefficient=self.jaw_coefficient,
+                                                    jaw_gain=self.jaw_gain))
 
     def frame(self, emotion: np.ndarray, tdmm: np.ndarray) -> np.ndarray:
-        au = lambda name: float(np.clip(emotion[_AU[name]], 0.0, 1.0))  # noqa: E731
-        ex = lambda name: float(np.clip(emotion[_EXPR[name]], 0.0, 1.0))  # noqa: E731
-        pitch, yaw, roll = (float(v) for v in np.clip(np.nan_to_num(tdmm[ROTATION]), -0.5, 0.5))
-        # Roll turns the face about its centre; yaw and pitch move the features across it
-        # (the outline moves 30 % as far, which reads as a turn of the head).
-        fx, fy = 0.35 * np.sin(yaw), 0.30 * np.sin(pitch)
-        self._pose = (np.cos(roll), np.sin(roll), fx, fy)
-        img = np.empty((self.size, self.size, 3), np.float32)
-        img[:] = _BACKGROUND
-        paint = lambda *a, **k: self._paint(img, *a, **k)  # noqa: E731
-
-        face_w, fcx, fcy = 0.66 * (1.0 - 0.15 * abs(np.sin(yaw))), -0.7 * fx, 0.05 - 0.7 * fy
-        paint(self._ellipse(fcx, fcy, face_w + 0.025, 0.845), _OUTLINE)
-        paint(self._ellipse(fcx, fcy, face_w, 0.82), _SKIN)
-
-        # Cheeks (AU6 cheek raiser).
-        if au("AU6") > 0.02:
-            for side in (-1, 1):
-                paint(self._ellipse(side * 0.33, 0.16, 0.12, 0.07), _BLUSH, 0.6 * au("AU6"))
-
-        # Eyes.
-        openness = float(np.clip(1.0 - 0.45 * au("AU7") - 0.3 * au("AU6")
-                                 + 0.5 * ex("Surprise") + 0.3 * ex("Fear"), 0.12, 1.6))
-        for side in (-1, 1):
-            cx, cy = side * 0.25, -0.10
-            paint(self._ellipse(cx, cy, 0.135, 0.07 * openness + 0.015), _OUTLINE)
-            paint(self._ellipse(cx, cy, 0.12, 0.07 * openness), _EYE_WHITE)
-            eye, iris = self._ellipse(cx, cy, 0.12, 0.07 * openness), self._ellipse(
-                cx + 0.05 * np.sin(yaw), cy + 0.04 * np.sin(pitch), 0.038, 0.038)
-            paint((lambda x, y, e=eye[0], i=iris[0]: np.maximum(e(x, y), i(x, y)), iris[1]), _IRIS)
-
-        # Brows: inner end up with AU1, outer end up with AU2, AU4 pulls both down and inwards.
-        raise_inner, raise_outer, lower = au("AU1"), au("AU2"), au("AU4")
-        for side in (-1, 1):
-            inner = (side * (0.11 - 0.03 * lower), -0.27 - 0.10 * raise_inner + 0.06 * lower)
-            outer = (side * 0.40, -0.25 - 0.10 * raise_outer + 0.02 * lower)
-            paint(self._segment(inner, outer, 0.028), _BROW)
-
-        # Nose, wrinkled wider by AU9.
-        paint(self._segment((0.0, -0.02), (0.0, 0.17), 0.012), _OUTLINE, 0.6)
-        nostril = 0.06 + 0.03 * au("AU9")
-        paint(self._segment((-nostril, 0.19), (nostril, 0.19), 0.014), _OUTLINE, 0.7)
-
-        # Mouth.
-        opening = 0.10 * au("AU25") + 0.16 * au("AU26") + 0.04 * ex("Surprise")
-        if self.jaw_coefficient is not None:
-            opening += self.jaw_gain * max(0.0, float(tdmm[self.jaw_coefficient]))
-        opening = float(np.clip(opening, 0.0, 0.30))
-        smile = 0.10 * au("AU12") + 0.06 * ex("Happy") - 0.08 * au("AU15") - 0.04 * ex("Sad")
-        width = 0.19 + 0.06 * au("AU12") - 0.04 * max(au("AU23"), au("AU24"))
-        lip = 0.030 * (1.0 - 0.5 * max(au("AU23"), au("AU24")))
-        outer, inner = self._mouth(0.0, 0.42, width, opening, smile, lip)
-        paint(outer, _LIP)
-        paint(inner, _MOUTH, 1.0 if opening > 0.01 else 0.8)
-        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-    # -- primitives ----------------------------------------------------------------------------
-    # A primitive is (distance(x, y) in feature coordinates, negative inside; bounding disc
-    # (cx, cy, radius)). Painting evaluates it only on the pixels of that disc's box, which
-    # keeps a 256 px frame at a few milliseconds.
-
-    @staticmethod
-    def _ellipse(cx, cy, rx, ry):
-        def distance(x, y):
-            return (np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2) - 1.0) * min(rx, ry)
-        return distance, (cx, cy, max(rx, ry))
-
-    @staticmethod
-    def _segment(a, b, radius):
-        (ax, ay), (bx, by) = a, b
-        dx, dy = bx - ax, by - ay
-
-        def distance(x, y):
-            h = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy + 1e-12), 0.0, 1.0)
-            return np.hypot(x - ax - h * dx, y - ay - h * dy) - radius
-        return distance, ((ax + bx) / 2, (ay + by) / 2, np.hypot(dx, dy) / 2 + radius)
-
-    @staticmethod
-    def _mouth(cx, cy, width, opening, smile, lip):
-        """Lips between two parabolas whose centre line bends up at the corners by ``smile``;
-        returns (lips, inside) primitives. Closed lips leave a thin line where they meet."""
-        def geometry(x, y):
-            u = np.clip((x - cx) / width, -1.0, 1.0)
-            centre = cy - smile * u ** 2 + smile * 0.3
-            half = (opening / 2.0 + 0.004) * (1.0 - u ** 2)
-            return u, np.abs(y - centre), half, np.abs(x - cx) - width
-
-        def lips(x, y):
-            u, dy, half, outside = geometry(x, y)
-            return np.maximum(dy - half - lip * (1.0 - 0.6 * u ** 2), outside - 0.01)
-
-        def inside(x, y):
-            _, dy, half, outside = geometry(x, y)
-            return np.maximum(dy - (half if opening > 0.01 else 0.006), outside)
-        disc = (cx, cy, width + abs(smile) + opening + lip + 0.02)
-        return (lips, disc), (inside, disc)
-
-    def _paint(self, img, primitive, colour, opacity: float = 1.0) -> None:
-        distance, (cx, cy, radius) = primitive
-        c, s, fx, fy = self._pose
-        # feature point -> image point: undo the feature shift, then rotate by the roll.
-        px, py = cx + fx, cy + fy - 0.05
-        ix, iy = c * px - s * py, s * px + c * py + 0.05
-        to_pixel = lambda v: (v + 1.0) / self._pixel - 0.5  # noqa: E731
-        margin = radius + 2 * self._pixel
-        r0, r1 = max(0, int(to_pixel(iy - margin))), min(self.size, int(to_pixel(iy + margin)) + 2)
-        c0, c1 = max(0, int(to_pixel(ix - margin))), min(self.size, int(to_pixel(ix + margin)) + 2)
-        if r0 >= r1 or c0 >= c1:
-            return
-        gx, gy = self._x[r0:r1, c0:c1], self._y[r0:r1, c0:c1] - 0.05
-        x = c * gx + s * gy - fx
-        y = -s * gx + c * gy + 0.05 - fy
-        alpha = np.clip(0.5 - distance(x, y) / self._pixel, 0.0, 1.0) * opacity
-        patch = img[r0:r1, c0:c1]
-        patch += alpha[..., None] * (colour - patch)
+        """One [size, size, 3] uint8 frame for one frame's attributes [25] and 3DMM [58]."""
+        return next(self.render(np.asarray(emotion)[None], np.asarray(tdmm)[None]))
 
 
 # --------------------------------------------------------------------------------------------
