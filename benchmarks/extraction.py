@@ -14,12 +14,12 @@ data (the reference stores ~80 MB float32 per clip).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.common import scratch
 
 FRAMES = 751                                  # a real REACT clip: 30.04 s at 25 fps
 REFERENCE_MB_PER_CLIP = 751 * (25088 + 64 + 1408) * 4 / 1e6 + 751 * (26 + 1536) * 4 / 1e6
@@ -134,9 +134,7 @@ def run(quick: bool = False) -> dict:
     from pipeline.data.snapshot import Snapshot
 
     dyads = (2, 1, 1) if quick else (6, 3, 3)
-    work = tempfile.mkdtemp(prefix="reactdiff-bench-extraction-")
-    started_ray = not ray.is_initialized()
-    try:
+    with scratch("extraction") as work:
         t0 = time.perf_counter()
         data = os.path.join(work, "data")
         synth.generate(data, dyads=dyads, frames=FRAMES, seed=0)
@@ -203,10 +201,6 @@ def run(quick: bool = False) -> dict:
             "reference_mb_per_clip_float32": round(paper["reference_float32_mb_per_clip"], 2),
             "paper_vs_reference_size": round(paper["estimated_mb_per_clip"] / paper["reference_float32_mb_per_clip"], 3),
         }
-    finally:
-        if started_ray:
-            runtime.shutdown_ray()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":       # = python -m benchmarks.run --only extraction [--quick]

@@ -19,11 +19,11 @@ DDP and reporting cost on this host. On CUDA the paper preset is measured too (1
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
+
+from benchmarks.common import scratch
 
 WARMUP_EPOCHS = 1
 
@@ -146,9 +146,7 @@ def run(quick: bool = False) -> dict:
     dyads = (6, 1, 1) if quick else (8, 2, 1)
     epochs = 3 if quick else 5
     batch = 2 if quick else 4
-    work = tempfile.mkdtemp(prefix="reactdiff-bench-training-")
-    started_ray = not ray.is_initialized()
-    try:
+    with scratch("training") as work:
         runtime.init_ray()
         snapshot, prep_s = _snapshot(work, dyads, frames)
         report: dict = {"frames": frames, "train_clips": 2 * dyads[0], "snapshot_s": round(prep_s, 1),
@@ -162,10 +160,6 @@ def run(quick: bool = False) -> dict:
                 report["gpu_paper"][stage], _ = _stage(stage, snapshot, work, "paper", epochs, batch=4, workers=1,
                                                        seq_len=frames, gpu=True, baseline_steps=10)
         return report
-    finally:
-        if started_ray:
-            runtime.shutdown_ray()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":       # = python -m benchmarks.run --only training [--quick]
