@@ -9,7 +9,7 @@ logs the metrics to MLflow (to the version's training run for registry URIs, e.g
 val_FRCorr, else a run in experiment "reactdiff-eval") and prints a table.
 
 --predictions scores a Parquet written by batch generation (one row per item: item int64,
-emotion float32 [K, T, 25]) without generating; see pipeline/evaluate/job.py.
+emotion float32 [K, T, 25]) without generating; see pipeline/evaluate/predictions.py.
 
 Examples:
   reactdiff evaluate --model models:/reactdiff@challenger --split val
