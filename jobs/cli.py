@@ -43,13 +43,35 @@ def _load(name: str):
         raise
 
 
+# Every environment variable the jobs read (grep os.environ), shown by `reactdiff --help`.
+ENVIRONMENT = """environment variables:
+  REACTDIFF_HOME          working directory: data, snapshots, checkpoints, outputs, mlflow.db, logs
+                          (default ./.reactdiff)
+  MLFLOW_TRACKING_URI     MLflow server or store (default sqlite:///$REACTDIFF_HOME/mlflow.db)
+  RAY_ADDRESS             attach to this Ray cluster instead of starting local Ray on 127.0.0.1
+  AWS_ENDPOINT_URL[_S3]   S3-compatible endpoint (MinIO); credentials from the standard AWS chain
+                          (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles)
+  REACTDIFF_GIT_COMMIT    code version recorded in manifests and MLflow where no git checkout is
+                          present (a container image)
+  OMP_NUM_THREADS         torch threads per Ray task (default 1)
+
+-v/--verbose (before or after the command) shows Ray's own logs on the console; without it they
+are in $REACTDIFF_HOME/logs/ray."""
+
+
+def _verbose_flag(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging, with Ray's own logs on the console")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reactdiff",
         description="ReactDiff facial-reaction generation: data, training, evaluation and serving on Ray + MLflow.",
+        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"reactdiff-pipeline {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbose_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _load(name)
@@ -57,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: `reactdiff -v train` keeps the top-level flag when the command has none.
+        _verbose_flag(p, default=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
+
+
+# Libraries whose INFO lines are their internals (schema migrations, executor plans): on the
+# console only with -v. Their warnings and errors always show.
+# mlflow resets its own logger's level when imported, so its chatty children are named too.
+CHATTY = ("mlflow", "mlflow.store", "mlflow.system_metrics", "ray", "alembic", "urllib3", "botocore",
+          "aiobotocore", "s3fs", "fsspec")
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -68,6 +99,8 @@ def configure_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def run_module(module, argv: list[str] | None = None) -> int:
@@ -75,7 +108,7 @@ def run_module(module, argv: list[str] | None = None) -> int:
     name = module.__spec__.name if module.__spec__ else module.__name__
     parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbose_flag(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)

@@ -18,6 +18,7 @@ quarantined fraction exceeds max_failure_fraction (then the snapshot is not publ
 
 Examples:
   reactdiff extract --data .reactdiff/data --out .reactdiff/snapshots
+  reactdiff extract --data .reactdiff/data --incremental-from latest --dry-run
   reactdiff extract --data s3://bucket/REACT2024 --out s3://bucket/snapshots --feature-set paper \\
       --model au=s3://bucket/models/au.pt ... --incremental-from latest
   ray job submit --working-dir . -- python -m jobs.extract --config jobs/configs/extract.yaml \\
@@ -30,7 +31,8 @@ import json
 import sys
 
 from pipeline import config
-from pipeline.data.extract import ExtractConfig, extract
+from pipeline.data.extract import ExtractConfig, dry_run, extract
+from pipeline.registry import runs as tracking
 
 HELP = "extract per-frame features (video, audio, labels) into a Parquet feature snapshot with Ray Data"
 
@@ -43,11 +45,23 @@ def add_arguments(parser) -> None:
     config.add_config_arguments(parser, default="extract")
     config.add_options(parser, ExtractConfig)
     parser.add_argument("--json", action="store_true", help="print the manifest counts and timings as JSON")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false",
+                        help="record no MLflow run (by default one per extraction in experiment reactdiff-data: "
+                             "counts, quarantine, timings, the report)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (clips to decode or carry over, where the snapshot goes); write nothing")
 
 
 def run(args) -> int:
-    result = extract(config.load_args(ExtractConfig, args))
+    cfg = config.load_args(ExtractConfig, args)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
+    result = extract(cfg)
     print(result.report)
+    if args.mlflow:
+        run_id = tracking.log_extraction(result.manifest, result.uri, result.published, result.report)
+        print(f"MLflow run {run_id} (experiment {tracking.DATA_EXPERIMENT}, {tracking.tracking_uri()})")
     if args.json:
         m = result.manifest.to_json()
         print(json.dumps({"id": m["id"], "uri": result.uri, "published": result.published,

@@ -19,6 +19,7 @@ Exit codes: 0 promoted, first champion or no-op (already champion); 3 refused by
 
 Examples:
   reactdiff promote
+  reactdiff promote --dry-run
   reactdiff promote --candidate 7 --gate gate.yaml --features s3://bucket/snapshots/<id>
   ray job submit --working-dir . -- python -m jobs.promote --name reactdiff
 """
@@ -29,7 +30,7 @@ import dataclasses
 import sys
 
 from pipeline import config
-from pipeline.registry.promote import PromoteConfig, parse_gate, run_promotion
+from pipeline.registry.promote import PromoteConfig, dry_run, parse_gate, run_promotion
 
 HELP = "gate the challenger against the champion on the same val items and seeds; move @champion if better"
 
@@ -41,6 +42,9 @@ def add_arguments(parser) -> None:
     config.add_config_arguments(parser, default="promote")
     config.add_options(parser, PromoteConfig)
     parser.add_argument("--gate", metavar="FILE", help="gate YAML (replaces the configured gate)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (candidate, the champion it would be compared with, cached "
+                             "metrics, gate); evaluate and change nothing")
 
 
 def run(args) -> int:
@@ -48,6 +52,9 @@ def run(args) -> int:
     if args.gate:
         cfg = dataclasses.replace(cfg, gate=parse_gate(config.read_yaml(args.gate)))
         cfg.validate()
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
     return run_promotion(cfg).exit_code
 
 

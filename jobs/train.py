@@ -15,6 +15,7 @@ name resumes from its last checkpoint and continues the same MLflow run. Checkpo
 Examples:
   reactdiff train --stage autoencoder --features latest
   reactdiff train --stage diffusion --features latest --epochs 20
+  reactdiff train --stage autoencoder --features latest --set stage1.epochs=3 --dry-run
   reactdiff train --stage autoencoder --features s3://bucket/snapshots/<id> --storage s3://bucket/ckpt \\
       --set preset=paper --set scaling.use_gpu=true --num-workers 8
   ray job submit --working-dir . -- python -m jobs.train --stage diffusion --features s3://.../<id>
@@ -27,7 +28,7 @@ import sys
 
 from pipeline import config
 from pipeline.train.config import TrainConfig
-from pipeline.train.job import train
+from pipeline.train.job import dry_run, train
 
 HELP = "train stage 1 (autoencoder) or stage 2 (diffusion) on Ray Train with MLflow tracking"
 
@@ -41,6 +42,9 @@ def add_arguments(parser) -> None:
                         help="clips (stage 1) / directed items (stage 2) per optimiser step of the chosen stage, "
                              "all workers together")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (run name, resume point, epochs and steps, storage, MLflow); "
+                             "start nothing, write nothing")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -53,6 +57,9 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
     result = train(cfg)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

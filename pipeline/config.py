@@ -121,7 +121,7 @@ def add_config_arguments(parser, default: str | None = None) -> None:
     parser.add_argument("--config", default=default,
                         help=f"YAML config file or bundled name in jobs/configs (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (dotted), repeatable, e.g. --set train.epochs=3")
+                        help="override one config key (dotted), repeatable; the keys without an option are listed below")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     Attaching changes nothing in the environment: the cluster's nodes have their own settings
     (ray_cluster.yaml, infra/k8s) and must reach their peers, S3 and MLflow over the network.
+
+    The console stays the job's own (:func:`quiet_ray`) unless logging is at DEBUG (``-v``).
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -87,23 +90,73 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     if address:
         log.info("attaching to Ray cluster at %s", address)
-        return ray.init(address=address, log_to_driver=True)
-    _force_loopback()
-    cpus = num_cpus or max(MIN_LOGICAL_CPUS, os.cpu_count() or 1)
-    log.info("starting local Ray on %s with %d logical CPUs", LOOPBACK, cpus)
-    return ray.init(
-        num_cpus=cpus,
-        num_gpus=num_gpus,
-        # TPU: 0 skips Ray's TPU detection, which asks the GCE metadata server for the TPU
-        # type on hosts that merely have /dev/vfio groups.
-        resources={"TPU": 0},
-        include_dashboard=False,
-        _node_ip_address=LOOPBACK,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+        context = ray.init(address=address, log_to_driver=verbose, configure_logging=False)
+    else:
+        _force_loopback()
+        cpus = num_cpus or max(MIN_LOGICAL_CPUS, os.cpu_count() or 1)
+        context = ray.init(
+            num_cpus=cpus,
+            num_gpus=num_gpus,
+            # TPU: 0 skips Ray's TPU detection, which asks the GCE metadata server for the TPU
+            # type on hosts that merely have /dev/vfio groups.
+            resources={"TPU": 0},
+            # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner polls
+            # every second (it warns on each failed query without one). Loopback only, like every
+            # other listener here; Ray picks the next free port when 8265 is taken.
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            # Worker output (Ray Train/Data internals, execution plans, per-report lines) stays in
+            # the session's log files; failures still reach the driver as exceptions.
+            log_to_driver=verbose,
+            configure_logging=False,
+        )
+    quiet_ray(verbose)
+    logs = "each cluster node's /tmp/ray/session_latest/logs" if address else _link_ray_logs(context)
+    dashboard = context.address_info.get("webui_url") if hasattr(context, "address_info") else None
+    print(f"Ray: {'cluster ' + address if address else f'local on {LOOPBACK}'}"
+          f"{', dashboard http://' + dashboard if dashboard else ''}; Ray logs in {logs}"
+          f"{'' if verbose else ' (-v shows them here)'}", file=sys.stderr, flush=True)
+    return context
+
+
+def quiet_ray(verbose: bool = False) -> None:
+    """Ray's driver-side chatter off the console unless ``verbose``: the ``ray`` loggers at
+    WARNING (Ray Data's execution plans and Ray Train's reports are INFO) and Ray Data's own
+    progress output off, since pipeline.progress shows one bar per step."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.getLogger("ray").setLevel(level)
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):     # its ray-data.log keeps everything
+            handler.setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        # Ray Data warns once that its bars are off ("To enable, set ..."): they are off on
+        # purpose, so that one-time notice is spent here (ray.data._internal.progress).
+        log_once("ray_data_progress_manager_disabled")
+
+
+def _link_ray_logs(context) -> str:
+    """``<workspace>/logs/ray`` -> this Ray session's log folder (local Ray); the folder's path."""
+    session = (getattr(context, "address_info", None) or {}).get("session_dir")
+    if not session:
+        return "the Ray session folder (/tmp/ray/session_latest/logs)"
+    logs = os.path.join(session, "logs")
+    link = workspace().root / "logs" / "ray"
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(logs, target_is_directory=True)
+        return str(link)
+    except OSError:
+        return logs
 
 
 def _force_loopback() -> None:

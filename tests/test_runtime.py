@@ -106,3 +106,18 @@ def test_loopback_even_without_env_and_with_early_ray_import(tmp_path, import_ra
     listeners = line[0].split()[1:]
     assert listeners
     assert all(a.startswith(LOOPBACK) for a in listeners), listeners
+
+
+def test_local_dashboard_serves_the_state_api_on_loopback(ray_local):
+    """Ray Train's PlacementGroupCleaner asks the State API (the dashboard) every second whether
+    the controller lives; without a dashboard each query fails with a console warning. The local
+    dashboard runs, answers, and listens on 127.0.0.1 only."""
+    import psutil
+    from ray.util.state import list_actors
+
+    list_actors(limit=1)                     # raises RayStateApiException without a dashboard
+    dashboards = {p.pid for p in psutil.Process().children(recursive=True)
+                  if any("dashboard.py" in part for part in p.cmdline())}
+    assert dashboards, "no local dashboard process"
+    listeners = _listening_sockets(dashboards)
+    assert listeners and all(a.startswith(LOOPBACK) for a in listeners), listeners

@@ -32,12 +32,14 @@ which ``reactdiff generate`` runs on a new speaker clip too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -48,7 +50,7 @@ import numpy as np
 from pipeline import config as config_mod
 from pipeline.config import option
 from pipeline import storage
-from pipeline import runtime
+from pipeline import progress, runtime
 from pipeline.data import react
 from pipeline.data.clip import (CLIP_FIELDS, ClipPlan, clip_row, decode_clip, network_stages, peak_rss_mb,
                                 to_batch, to_row)
@@ -250,6 +252,16 @@ def _prepare_and_write_batch(batch, plan: Plan):
 # The job
 
 
+@contextlib.contextmanager
+def _retry_caps_through_remote_args():
+    """Ray 2.60 warns that ``map_batches(**ray_remote_args)`` goes away in 2.64, yet it is the
+    only way to cap a task's retries; pyproject pins ray < 2.64 for it. Nothing for the user to
+    act on, so that one warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
 def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     """The Ray Dataset of summary rows: manifest rows -> prepare -> networks -> write."""
     import ray
@@ -260,7 +272,8 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     stages = network_stages(plan.clip.features)
     task_args = dict(batch_size=1, num_cpus=1, max_retries=TASK_RETRIES, fn_kwargs={"plan": plan})
     if not stages:
-        ds = ds.map_batches(_prepare_and_write_batch, **task_args)
+        with _retry_caps_through_remote_args():
+            ds = ds.map_batches(_prepare_and_write_batch, **task_args)
     else:
         ds = ds.map_batches(_prepare_batch, **task_args)
         resources = ray.cluster_resources()
@@ -276,7 +289,8 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
                                 num_cpus=cfg.cpus_per_actor, num_gpus=gpu_share or None,
                                 # a dead actor is restarted, but its clip is not retried forever
                                 max_task_retries=TASK_RETRIES)
-        ds = ds.map_batches(_write_batch, **task_args)
+        with _retry_caps_through_remote_args():
+            ds = ds.map_batches(_write_batch, **task_args)
     # Every per-clip error is caught in the UDFs; should Ray still drop a block (an error outside
     # them), the job goes on and the driver quarantines the clip that has no summary row.
     ds.context.max_errored_blocks = -1
@@ -312,10 +326,21 @@ def _base_rows(base: Snapshot | None, fs_hash: str, root: str) -> dict[str, dict
             for cid, info in base.manifest.clips.items()}
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run the extraction job; publishes ``<out>/<snapshot id>/`` unless too many clips failed."""
-    started = time.time()
-    t_plan = time.perf_counter()
+@dataclass
+class _Inputs:
+    """What an extraction reads, resolved before anything is written."""
+
+    out_root: str
+    features: FeatureSet
+    dataset: react.ReactDataset
+    splits: list[str]
+    clips: list
+    fs_hash: str
+    base: Snapshot | None
+    base_rows: dict[str, dict[str, Any]]
+
+
+def _inputs(cfg: ExtractConfig) -> _Inputs:
     out_root = cfg.out or runtime.workspace().snapshots
     features = load_feature_set(cfg.feature_set, cfg.models)
     dataset = react.open_dataset(cfg.data)
@@ -327,8 +352,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.limit is not None:
         clips = clips[:cfg.limit]
     features.resolve()
-    policy = {"fps": cfg.fps, "frames": cfg.frames}
-    fs_hash = features.hash(**policy)
+    fs_hash = features.hash(fps=cfg.fps, frames=cfg.frames)
 
     base = None
     if cfg.incremental_from:
@@ -338,7 +362,32 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             if cfg.incremental_from != "latest":
                 raise
             log.info("incremental: no complete snapshot under %s yet: extracting every clip", storage.redact(out_root))
-    base_rows = _base_rows(base, fs_hash, dataset.root)
+    return _Inputs(out_root, features, dataset, splits, clips, fs_hash, base, _base_rows(base, fs_hash, dataset.root))
+
+
+def dry_run(cfg: ExtractConfig) -> str:
+    """The plan of ``extract(cfg)`` without writing anything: which clips would be decoded and
+    which carried over (same fingerprint as in the base snapshot), and where the snapshot goes."""
+    i = _inputs(cfg)
+    carried = [c for c in i.clips if (prev := i.base_rows.get(c.clip_id)) and prev["base_split"] == c.split
+               and prev["base_hash"] == fingerprint(clip_row(c), i.dataset.root, i.features.modalities())]
+    per_split = Counter(c.split for c in i.clips)
+    lines = [f"extract (dry run): {len(i.clips)} clips of {storage.redact(i.dataset.root)} "
+             f"({', '.join(f'{s} {per_split[s]}' for s in i.splits)})",
+             f"  feature set {i.features.name} ({i.fs_hash[:8]}), columns {', '.join(e.column for e in i.features.extractors)}",
+             f"  decode {len(i.clips) - len(carried)}, carry over {len(carried)}"
+             + (f" from snapshot {i.base.id}" if i.base is not None else " (no base snapshot)"),
+             f"  would write {storage.redact(storage.join(i.out_root, '<UTC time>-' + i.fs_hash[:8]))}/"]
+    return "\n".join(lines)
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run the extraction job; publishes ``<out>/<snapshot id>/`` unless too many clips failed."""
+    started = time.time()
+    t_plan = time.perf_counter()
+    i = _inputs(cfg)
+    out_root, features, dataset, splits, clips, fs_hash, base, base_rows = (
+        i.out_root, i.features, i.dataset, i.splits, i.clips, i.fs_hash, i.base, i.base_rows)
 
     snapshot_id = new_snapshot_id(fs_hash, out_root)
     snapshot_uri = storage.join(out_root, snapshot_id)
@@ -363,8 +412,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     summaries: dict[str, dict[str, Any]] = {}
     if rows:
         runtime.init_ray(cfg.ray_address)
-        for s in build_pipeline(rows, plan, cfg).iter_rows():
-            summaries[s["clip_id"]] = s
+        with progress.bar(total=len(rows), desc="extract", unit="clip") as bar:
+            for s in build_pipeline(rows, plan, cfg).iter_rows():
+                summaries[s["clip_id"]] = s
+                bar.update()
+                bar.set_postfix(quarantined=sum(v["status"] == "error" for v in summaries.values()), refresh=False)
     pipeline_s = time.perf_counter() - t_pipe
 
     # A clip without a summary was in a block Ray dropped after its worker died on every retry.

@@ -37,7 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.config import option
 from pipeline.errors import UserError
 from pipeline.data.behaviour import (BEHAVIOURS, BROW, EYES, FROWN, LATENT, LOOK as _LOOK, LABELS as _LABELS, MOUTH,
@@ -513,33 +513,25 @@ def generate(out: str, dyads: tuple[int, int, int] | list[int] = (8, 4, 4), fram
     # The marker goes last: a dataset without it is incomplete (an interrupted run is redone).
     storage.write_json(storage.join(out, MARKER), {"params": params, "summary": summary.to_dict(),
                                                     "note": "synthetic REACT-layout data made by reactdiff synth"})
-    log.info("synthetic REACT %s: %d clips (%s dyads) in %.1f s with %d worker(s) -> %s", release,
+    log.debug("synthetic REACT %s: %d clips (%s dyads) in %.1f s with %d worker(s) -> %s", release,
              len(jobs), "/".join(map(str, dyads)), summary.seconds, n_workers, out)
     return summary
 
 
 def _run_jobs(jobs: list[ClipJob], workers: int) -> None:
-    done = 0
-    step = max(1, len(jobs) // 10)
+    with progress.bar(total=len(jobs), desc="synth", unit="clip") as clips:
+        if workers <= 1:
+            for job in jobs:
+                render_clip(job)
+                clips.update()
+            return
+        import multiprocessing
 
-    def report():
-        if done % step == 0 or done == len(jobs):
-            log.info("rendered %d/%d person clips", done, len(jobs))
-
-    if workers <= 1:
-        for job in jobs:
-            render_clip(job)
-            done += 1
-            report()
-        return
-    import multiprocessing
-
-    # spawn, not fork: the caller may hold threads (Ray, s3fs event loops) that fork would copy.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(render_clip, job) for job in jobs]):
-            future.result()
-            done += 1
-            report()
+        # spawn, not fork: the caller may hold threads (Ray, s3fs event loops) that fork would copy.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(render_clip, job) for job in jobs]):
+                future.result()
+                clips.update()
 
 
 def _write_root_files(local: str, plans: list[DyadPlan]) -> None:

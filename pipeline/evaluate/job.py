@@ -88,7 +88,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
                                   f"eval-{cfg.split}-{snapshot.id}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     storage.write_text(out, report.to_json())
     if cfg.mlflow:
-        run_id = log_report(report, version=version, experiment=cfg.experiment)
+        run_id = log_report(report, version=version, experiment=cfg.experiment, snapshot_uri=snapshot.uri)
         log.info("metrics logged to MLflow run %s", run_id)
         if version is not None and not cfg.predictions:
             record_evaluation(version, report, opts)

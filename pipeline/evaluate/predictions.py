@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.protocol import EMOTION_DIM, FRAMES, item_seed, model_features
 from pipeline.registry.models import load_generator
@@ -252,14 +252,16 @@ def generate_predictions(generator: "ReactDiffGenerator | str", snapshot: Snapsh
     out: np.ndarray | None = None
     seen = np.zeros(len(items), dtype=bool)
     position = {int(i.index): k for k, i in enumerate(items)}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        emotion = np.asarray(batch["emotion"], dtype=np.float32)
-        if out is None:
-            out = np.empty((len(items), *emotion.shape[1:]), dtype=np.float32)
-        for idx, e in zip(batch["item"], emotion):
-            k = position[int(idx)]
-            out[k] = e
-            seen[k] = True
+    with progress.bar(total=len(items), desc="generate reactions", unit="item") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            emotion = np.asarray(batch["emotion"], dtype=np.float32)
+            if out is None:
+                out = np.empty((len(items), *emotion.shape[1:]), dtype=np.float32)
+            for idx, e in zip(batch["item"], emotion):
+                k = position[int(idx)]
+                out[k] = e
+                seen[k] = True
+            bar.update(len(batch["item"]))
     if out is None or not seen.all():
         raise RuntimeError(f"generation returned {int(seen.sum())} of {len(items)} items")
     return out

@@ -21,18 +21,21 @@ EVAL_EXPERIMENT = "reactdiff-eval"
 
 
 def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = None,
-               experiment: str = EVAL_EXPERIMENT) -> str:
+               experiment: str = EVAL_EXPERIMENT, snapshot_uri: str | None = None) -> str:
     """Log ``report`` to MLflow; returns the run id.
 
     A registry version's metrics go to the run that produced it (``val_FRCorr`` next to the
-    training curves); anything else gets a new run in ``experiment``. The JSON report is an
-    artifact of that run either way.
+    training curves) and, MLflow 3 style, to the version's logged model (``model_id``), so the
+    model version's page lists them; anything else gets a new run in ``experiment``. Each
+    metric names the evaluation dataset (snapshot split), which is also logged as the run's
+    ``evaluation`` input. The JSON report and the model-vs-baselines table are artifacts.
     """
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
 
     c = tracking.client()
     run_id = getattr(version, "run_id", None) if version is not None else None
+    model_id = getattr(version, "model_id", None) if version is not None else None
     new_run = not run_id
     if new_run:
         run_id = tracking.create_run(
@@ -48,14 +51,22 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
                     "decoder_dropout": report.decoder_dropout,
                     "latent_normalisation": report.latent_normalisation,
                     "architecture": report.architecture})
+    dataset = None
+    if snapshot_uri:
+        dataset = tracking.snapshot_dataset(snapshot_uri, f"{report.snapshot_id}/{report.split}", report.snapshot_id)
+        tracking.log_snapshot_input(run_id, snapshot_uri, f"{report.snapshot_id}/{report.split}", report.snapshot_id,
+                                    split=report.split, context="evaluation")
+    link = dict(model_id=model_id, dataset_name=dataset.name if dataset else None,
+                dataset_digest=dataset.digest if dataset else None)
     now = get_current_time_millis()
     values = {f"{report.split}_{k}": v for k, v in report.metrics.items()}
     if new_run:  # baseline rows next to the model row in the evaluation run's table
         for kind, row in report.baselines.items():
             values.update({f"{report.split}_{kind}_{k}": v for k, v in row.items()})
-    rows = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None and math.isfinite(v)]
+    rows = [Metric(k, float(v), now, 0, **link) for k, v in values.items() if v is not None and math.isfinite(v)]
     c.log_batch(run_id, metrics=rows)
     c.log_text(run_id, report.to_json(), f"evaluation/{report.split}_report.json")
+    c.log_text(run_id, report.table() + "\n", f"evaluation/{report.split}_table.txt")
     if new_run:
         tracking.finish_run(run_id)
     return run_id

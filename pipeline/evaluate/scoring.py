@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 import reactdiff
+from pipeline import progress
 from pipeline.config import ConfigError, option
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.predictions import generate_predictions, write_predictions
@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from reactdiff.generator import ReactDiffGenerator
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,14 +104,12 @@ def frdist_distributed(pred: np.ndarray, listener: np.ndarray, neighbours: np.nd
     remote = ray.remote(num_cpus=1)(_frdist_chunk)
     bounds = np.linspace(0, n, tasks + 1).astype(int)
     futures = [remote.remote(*refs, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    pending, step, t0 = list(futures), max(1, len(futures) // 10), time.perf_counter()
-    last = t0
-    while pending:   # progress for long runs (the official val set is hours of DTW on one core)
-        done, pending = ray.wait(pending, num_returns=min(step, len(pending)))
-        now = time.perf_counter()
-        if now - last >= 30 or (not pending and now - t0 >= 30):   # quiet for short runs
-            last = now
-            log.info("FRDist: %d/%d row chunks done (%.0fs)", len(futures) - len(pending), len(futures), now - t0)
+    rows = dict(zip(futures, (b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a)))
+    pending = list(futures)
+    with progress.bar(total=n, desc="FRDist", unit="item") as bar:
+        while pending:   # the official val set is hours of DTW on one core
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(rows[done[0]])
     return float(np.mean(np.concatenate(ray.get(futures))))
 
 

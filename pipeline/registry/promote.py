@@ -406,7 +406,7 @@ def registry_evaluator(cfg: PromoteConfig, snapshot) -> Evaluator:
         generator, _ = load_generator(uri)
         report = scoring.evaluate_generator(generator, snapshot, cfg.split, options, baselines=(), model_uri=uri,
                                             model_version=version)
-        records.log_report(report, version=version)
+        records.log_report(report, version=version, snapshot_uri=snapshot.uri)
         records.record_evaluation(version, report, options)
         return report.metrics
 
@@ -552,6 +552,33 @@ def _noop(cfg: PromoteConfig, candidate: "ModelVersion") -> PromotionResult:
         decision="noop", name=cfg.name, candidate=_v(candidate),
         champion_before=_v(candidate), champion_after=_v(candidate),
         message=f"{cfg.name} v{candidate.version} (@{cfg.candidate}) already is @{cfg.champion}; nothing to do")
+
+
+def dry_run(cfg: PromoteConfig) -> str:
+    """The plan of ``promote(cfg)``: candidate, the champion it would be compared with, the
+    snapshot split, whether each has cached metrics for this protocol, and the gate. Reads the
+    registry only: no evaluation, no lock, no alias or tag is written."""
+    c = tracking.client()
+    candidate = resolve_candidate(c, cfg.name, cfg.candidate)
+    champion = _alias_version(c, cfg.name, cfg.champion)
+    snapshot = scoring.open_snapshot(cfg.features, candidate)
+
+    def metrics(v: "ModelVersion") -> str:
+        cached = records.cached_evaluation(v, cfg.split, snapshot.id, cfg.evaluation)
+        return (", ".join(f"{k} {_fmt(cached.get(k))}" for k in cfg.gate) + " (cached)") if cached \
+            else f"would be evaluated ({cfg.evaluation.samples} samples, seed {cfg.evaluation.seed})"
+
+    lines = [f"promote (dry run): {cfg.name} {_version_label(candidate)} (@{cfg.candidate}) on "
+             f"{snapshot.id}/{cfg.split}", f"  candidate: {metrics(candidate)}"]
+    if champion is None:
+        lines.append(f"  no @{cfg.champion} yet: the candidate would become the first if it meets the absolute rules")
+    elif _v(champion) == _v(candidate):
+        lines.append(f"  the candidate already is @{cfg.champion}: nothing to do")
+    else:
+        lines.append(f"  compared with @{cfg.champion} {_version_label(champion)}: {metrics(champion)}")
+    lines.append("  gate: " + "; ".join(f"{k} " + ", ".join(f"{f} {v}" for f, v in vars(g).items() if v is not None)
+                                        for k, g in cfg.gate.items()))
+    return "\n".join(lines)
 
 
 def run_promotion(cfg: PromoteConfig) -> PromotionResult:

@@ -202,7 +202,8 @@ def snapshot_dataset(snapshot_uri: str, snapshot_id: str, digest: str | None, *,
 
 
 def log_snapshot_input(run_id: str, snapshot_uri: str, snapshot_id: str, digest: str | None, *,
-                       split: str = "train", columns: Sequence[str] = (), uri: str | None = None) -> None:
+                       split: str = "train", columns: Sequence[str] = (), uri: str | None = None,
+                       context: str = "training") -> None:
     """Record the snapshot as this run's input (idempotent: same dataset + context is one input)."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -214,7 +215,7 @@ def log_snapshot_input(run_id: str, snapshot_uri: str, snapshot_id: str, digest:
             return
     c.log_inputs(run_id, datasets=[DatasetInput(
         ds._to_mlflow_entity(),
-        tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("split", split)])])
+        tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("split", split)])])
 
 
 def create_run(*, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
@@ -264,6 +265,63 @@ def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> No
 
 def finish_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     client(uri).set_terminated(run_id, status=status)
+
+
+DATA_EXPERIMENT = "reactdiff-data"
+
+
+def log_extraction(manifest, snapshot_uri: str, published: bool, report: str, *,
+                   experiment: str = DATA_EXPERIMENT, uri: str | None = None) -> str:
+    """One finished MLflow run per extraction: the snapshot as its output dataset, counts per
+    split, quarantine, bytes and timings as metrics, the redacted config as params, and the
+    report, manifest and quarantine list as artifacts. FAILED when nothing was published."""
+    from mlflow.entities import Metric
+
+    m = manifest.to_json()
+    counts, timings = m["counts"], m["timings"]
+    metrics = {f"counts/{k}": v for k, v in counts.items() if isinstance(v, (int, float))}
+    for split, row in (counts.get("per_split") or {}).items():
+        metrics.update({f"counts/{split}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    metrics.update({f"time/{k}": v for k, v in timings.items() if isinstance(v, (int, float))})
+    metrics.update({f"bytes/{k}": v for k, v in m["bytes"].items() if isinstance(v, (int, float))})
+    run_id = create_run(
+        experiment=experiment, run_name=f"extract-{manifest.id}", uri=uri,
+        tags={f"{TAG_PREFIX}kind": "extraction", f"{TAG_PREFIX}snapshot_id": manifest.id,
+              f"{TAG_PREFIX}snapshot_uri": snapshot_uri, f"{TAG_PREFIX}published": published,
+              f"{TAG_PREFIX}feature_set_hash": manifest.feature_set.hash,
+              f"{TAG_PREFIX}incremental_from": manifest.incremental_from},
+        params={"feature_set": manifest.feature_set.name, **{f"config.{k}": v for k, v in manifest.config.items()}})
+    c = client(uri)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if math.isfinite(float(v))])
+    if published:
+        log_snapshot_input(run_id, snapshot_uri, manifest.id, manifest.feature_set.hash, split="all",
+                           columns=list(manifest.features), uri=uri, context="extraction output")
+    c.log_text(run_id, report + "\n", "extraction/report.txt")
+    c.log_dict(run_id, m, "extraction/manifest.json")
+    c.log_dict(run_id, {"quarantine": m.get("quarantine", [])}, "extraction/quarantine.json")
+    finish_run(run_id, "FINISHED" if published else "FAILED", uri)
+    return run_id
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, uri: str | None = None, *, every_s: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU, with pynvml) of this host as ``system/*`` metrics of
+    ``run_id`` while the block runs (MLflow's SystemMetricsMonitor; a resumed run continues its
+    steps). The driver's host: for a local run, the machine the workers share."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True,
+                                       tracking_uri=tracking_uri(uri))
+    except ImportError as exc:          # psutil ships with Ray; without it MLflow cannot sample
+        log.debug("no system metrics: %s", exc)
+        yield
+        return
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def find_runs(filters: Mapping[str, str], *, experiment: str = DEFAULT_EXPERIMENT,

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.config import flatten, to_dict
 from pipeline.data.snapshot import Snapshot, SnapshotError
 from pipeline.registry import runs as tracking
@@ -283,12 +283,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         return _train(cfg, uri)
 
 
+def _shuffled(ds, seed: int):
+    """Training order: blocks shuffled from ``seed`` (the run's ``seed`` param), a new order each
+    epoch (reseeded per execution), the same sequence of orders on a re-run."""
+    from ray.data import RandomSeedConfig
+
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
 def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: str):
     """Ray datasets of the stage, the number of training rows and the loss names."""
     seq_len = gen_config.seq_len
     if cfg.stage == "autoencoder":
         inputs = list(gen_config.mmt.inputs)
-        datasets = {"train": clip_dataset(snapshot, "train", inputs + list(LABELS), seq_len).randomize_block_order(),
+        datasets = {"train": _shuffled(clip_dataset(snapshot, "train", inputs + list(LABELS), seq_len), cfg.seed),
                     "val": clip_dataset(snapshot, "val", inputs + list(LABELS), seq_len),
                     "stats": clip_dataset(snapshot, "train", inputs, seq_len)}
         keys = ["loss", "emotion_l1", "tdmm_mse"] + (["kl"] if gen_config.mmt.variational else [])
@@ -300,12 +308,35 @@ def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: 
             batch_size=cfg.data.encode_batch_size, actors=cfg.data.encode_actors or cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu)
         n_train = count if split == "train" else n_train
-    datasets = {"train": pairs_dataset(pairs["train"]).randomize_block_order(), "val": pairs_dataset(pairs["val"])}
+    datasets = {"train": _shuffled(pairs_dataset(pairs["train"]), cfg.seed), "val": pairs_dataset(pairs["val"])}
     d = gen_config.diffusion
     return datasets, n_train, ["loss", f"{'eps' if d.prediction == 'epsilon' else 'x0'}_{d.loss}"]
 
 
-def _fit(cfg: TrainConfig, plan: WorkerPlan, datasets: dict, storage_path: str) -> None:
+def _epoch_progress(plan: WorkerPlan, n_train: int):
+    """Poll of the stage's bar: epochs rank 0 has logged to MLflow (at each checkpoint), with the
+    last train loss and training items/s."""
+    c, t0 = tracking.client(plan.tracking_uri), time.perf_counter()
+    first = None
+
+    def poll() -> tuple[int, dict]:
+        nonlocal first
+        epochs = c.get_metric_history(plan.mlflow_run_id, tracking.EPOCH_METRIC)
+        done = max((int(m.step) for m in epochs), default=0)
+        first = done if first is None else first       # a resumed run starts past 0
+        if not done:
+            return 0, {}
+        loss = c.get_metric_history(plan.mlflow_run_id, "train/loss")
+        postfix = {"loss": f"{max(loss, key=lambda m: m.step).value:.4f}"} if loss else {}
+        seconds = time.perf_counter() - t0
+        if done > first and seconds > 0:
+            postfix["items/s"] = f"{(done - first) * n_train / seconds:.1f}"
+        return done, postfix
+
+    return poll
+
+
+def _fit(cfg: TrainConfig, plan: WorkerPlan, datasets: dict, storage_path: str, n_train: int) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -324,13 +355,33 @@ def _fit(cfg: TrainConfig, plan: WorkerPlan, datasets: dict, storage_path: str) 
                                                checkpoint_score_order=cfg.checkpoint.mode)),
         datasets=datasets, dataset_config=_sharding_config())
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with tracking.system_metrics(plan.mlflow_run_id, plan.tracking_uri), \
+            progress.Poller(_epoch_progress(plan, n_train), total=plan.settings.epochs, desc=f"train {cfg.stage}",
+                            unit="epoch"):
+        result = trainer.fit()
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")
     log.info("trainer.fit of %s took %.1fs", cfg.name, time.perf_counter() - t0)
 
 
-def _train(cfg: TrainConfig, uri: str) -> TrainResult:
+@dataclass(frozen=True)
+class _Run:
+    """One training run resolved from its config, before anything is written."""
+
+    cfg: TrainConfig            # with the resolved name
+    snapshot: Any
+    autoencoder_uri: str | None
+    gen_config: Any
+    storage_path: str
+    run_dir: str
+    settings: Any
+    world: int
+    precision: str
+    previous: dict
+    done: bool
+
+
+def _resolve(cfg: TrainConfig, uri: str) -> _Run:
     snapshot = _open_snapshot(cfg.features)
     for split in ("train", "val"):       # model selection uses val, never test
         if split not in snapshot.splits or not snapshot.clip_ids(split):
@@ -347,7 +398,6 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
         storage_path = os.path.abspath(storage_path)
     run_dir = storage.join(storage_path, name)
     settings = resolved_settings(cfg, gen_config)
-    world = cfg.scaling.num_workers
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.scaling.use_gpu else "fp32")
 
     _refresh_listings(run_dir)
@@ -359,6 +409,43 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
                          f"{autoencoder_uri}; resume with --set autoencoder={previous.get('autoencoder_uri')} "
                          "or start a new run with --set name=…")
     done = bool(previous) and int(previous["epoch"]) >= settings.epochs
+    return _Run(cfg, snapshot, autoencoder_uri, gen_config, storage_path, run_dir, settings,
+                cfg.scaling.num_workers, precision, previous or {}, done)
+
+
+def dry_run(cfg: TrainConfig) -> str:
+    """The plan of ``train(cfg)``: run name, resume point, epochs and steps, workers, storage and
+    MLflow. Starts no Ray and writes nothing (stage 2 reads MLflow to find its stage 1)."""
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    if cfg.stage == "diffusion" and not cfg.autoencoder and uri.startswith("sqlite:///") \
+            and not os.path.exists(uri.removeprefix("sqlite:///")):
+        raise TrainError(f"no MLflow store at {uri} yet, so no stage-1 run to start from: train "
+                         "--stage autoencoder first, or pass --set autoencoder=<autoencoder.pt URI>")
+    with tracking.using(uri):
+        r = _resolve(cfg, uri)
+    n_train = (len(r.snapshot.clip_ids("train")) if cfg.stage == "autoencoder"
+               else len(r.snapshot.items("train")))
+    per_worker = worker_batch_size(r.settings.batch_size, r.world, n_train)
+    steps = max(1, -(-n_train // (per_worker * r.world)))
+    start = int(r.previous.get("epoch", 0))
+    epochs = (f"already trained to epoch {start}: would only export and log it" if r.done else
+              f"{f'resume after epoch {start}' if start else 'new run'}: epochs {start + 1}-{r.settings.epochs}")
+    lines = [f"train (dry run): {cfg.stage} run {r.cfg.name} on snapshot {r.snapshot.id}",
+             f"  {epochs}, {steps} steps/epoch ({n_train} {'clips' if cfg.stage == 'autoencoder' else 'items'}, "
+             f"batch {per_worker * r.world} = {r.world} worker(s) x {per_worker}), {r.precision}",
+             f"  checkpoints {storage.redact(r.run_dir)} every {cfg.checkpoint.every} epoch(s), keep {cfg.checkpoint.num_to_keep}",
+             f"  MLflow {uri}, experiment {cfg.mlflow.experiment!r}"]
+    if cfg.stage == "diffusion":
+        lines.append(f"  stage 1 {r.autoencoder_uri}; registers {cfg.mlflow.model_name} @{cfg.mlflow.alias}"
+                     if cfg.mlflow.register else f"  stage 1 {r.autoencoder_uri}; no registration")
+    return "\n".join(lines)
+
+
+def _train(cfg: TrainConfig, uri: str) -> TrainResult:
+    r = _resolve(cfg, uri)
+    cfg, snapshot, autoencoder_uri, gen_config = r.cfg, r.snapshot, r.autoencoder_uri, r.gen_config
+    name, storage_path, run_dir, settings = cfg.name, r.storage_path, r.run_dir, r.settings
+    world, precision, previous, done = r.world, r.precision, r.previous, r.done
 
     # -- MLflow run: created once per Ray run, reopened on every resume -------------------------------
     tags = {f"{TAG}stage": cfg.stage, f"{TAG}preset": cfg.preset, f"{TAG}run_name": name,
@@ -399,7 +486,7 @@ def _train(cfg: TrainConfig, uri: str) -> TrainResult:
             log.info("training %s: %s stage, %d worker(s), %d epochs, batch %d (%d/worker), storage %s, MLflow %s",
                      name, cfg.stage, world, settings.epochs, batch_size * world, batch_size,
                      storage.redact(run_dir), uri)
-            _fit(cfg, plan, datasets, storage_path)
+            _fit(cfg, plan, datasets, storage_path, n_train)
         _refresh_listings(run_dir)
         return _finish(cfg, snapshot, run_dir, run_id, uri, metadata, autoencoder_uri)
     except BaseException:
