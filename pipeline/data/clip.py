@@ -36,6 +36,7 @@ SUMMARY_DEFAULTS: dict[str, Any] = {
     "clip_id": "", "split": "", "status": "ok", "stage": "", "error_uri": "", "reason": "",
     "content_hash": "", "num_frames": 0, "file": "", "bytes": 0, "column_bytes": "{}",
     "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
+    "warnings": "",                # repairs made to the clip ("; "-separated), recorded in the manifest
 }
 MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "Emotion", "tdmm": "3D_FV_files"}
 
@@ -50,6 +51,9 @@ class ClipPlan:
     frame_tolerance: int = 2           # modalities may differ by this many frames (pad/crop)
     decode_chunk: int = 64             # frames decoded at once (memory per task)
     root: str = ""                     # dataset root: names the expected file of a missing one
+    max_pad_fraction: float = 0.0      # a video this much (of the labels' frames) short is padded
+    face_crop: bool = False            # videos are not face crops: detect, track and crop the face
+    face_boxes: np.ndarray | None = None   # precomputed crop boxes (one clip: reactdiff generate)
 
 
 def peak_rss_mb() -> float:
@@ -103,6 +107,7 @@ def decode_clip(row: dict[str, Any], plan: ClipPlan) -> dict[str, Any]:
 
 def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str, Any]:
     fs = plan.features
+    warnings: list[str] = []
     counts: dict[str, tuple[float, str]] = {}       # modality -> (frames, uri)
     labels = {}
     for e in fs.labels:
@@ -116,11 +121,8 @@ def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str,
     if fs.facial:
         if not row.get("video_uri"):
             raise _missing(plan, row, "video")
-        video = open_video(row["video_uri"], row.get("video_format") or "mp4")
+        video = _open_video(row["video_uri"], row.get("video_format") or "mp4", plan, warnings)
         opened.append(video)
-        if video.fps is not None and abs(video.fps - plan.fps) > 0.01 * plan.fps:
-            raise ClipError("decode_video", row["video_uri"], f"video is {video.fps:g} fps; expected "
-                            f"{plan.fps:g} (set fps, or re-encode the clip)")
         counts["video"] = (video.num_frames, row["video_uri"])
     if fs.acoustic:
         if not row.get("audio_uri"):
@@ -131,6 +133,12 @@ def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str,
     # Frame count T: the configured one, else the video's, else the labels', else the audio's.
     order = ("video", "emotion", "tdmm", "audio")
     frames = plan.frames or next(int(round(counts[m][0])) for m in order if m in counts)
+    short = _video_short_of_labels(counts, plan)
+    if short:
+        frames = plan.frames or frames + short
+        counts["video"] = (counts["video"][0] + short, counts["video"][1])
+        warnings.append(f"video has {frames - short} frames, the labels {frames}: padded by repeating "
+                        f"its last frame {short} time(s)")
     off = [m for m, (n, _) in counts.items()
            if abs(n - frames) > plan.frame_tolerance + (0.5 if m == "audio" else 0)]
     if off:
@@ -148,7 +156,7 @@ def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str,
             reason = f"{modality} has {have} frames but the clip has {frames}"
         raise ClipError("frames", uri, f"{reason} (tolerance {plan.frame_tolerance}; {listing})")
 
-    out: dict[str, Any] = {"num_frames": frames}
+    out: dict[str, Any] = {"num_frames": frames, "warnings": "; ".join(warnings)}
     for e, arr in labels.items():
         out[e.column] = fit_frames(arr, frames)
     t_audio = time.perf_counter()
@@ -183,6 +191,48 @@ def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str,
                 out["_crops"] = fit_frames(crops_all, frames)
     out["video_s"] = time.perf_counter() - t_video
     return out
+
+
+def _open_video(uri: str, video_format: str, plan: ClipPlan, warnings: list[str]) -> media.FaceVideo:
+    """The clip's face video at ``plan.fps``: REACT's own 25-fps mp4s and PNG folders as they are;
+    a video of another rate resampled by timestamps (with a warning), one that is no face crop
+    (``plan.face_crop`` / ``plan.face_boxes``) cropped to the tracked face (pipeline.data.face_crop)."""
+    if video_format == "mp4" and plan.face_boxes is not None:
+        return media.Recording(uri, plan.fps, plan.face_boxes)
+    if video_format == "mp4" and plan.face_crop:
+        from pipeline.data import face_crop
+
+        try:
+            video, report = face_crop.open_face_video(uri, plan.fps)
+        except ValueError as exc:
+            raise ClipError("face", uri, str(exc)) from None
+        warnings.extend(report.get("warnings", []))
+        return video
+    video = open_video(uri, video_format)
+    if video.fps is not None and abs(video.fps - plan.fps) > 0.01 * plan.fps:
+        video.close()
+        resampled = media.Recording(uri, plan.fps)
+        warnings.append(f"video is {video.fps:g} fps: resampled to {plan.fps:g} fps by presentation "
+                        f"timestamps ({video.num_frames} -> {resampled.num_frames} frames)")
+        return resampled
+    return video
+
+
+def _video_short_of_labels(counts: dict[str, tuple[float, str]], plan: ClipPlan) -> int:
+    """Frames to pad the video with: > 0 when it is short of labels that agree with each other
+    (and the audio) by more than the tolerance but at most ``max_pad_fraction`` of them."""
+    if "video" not in counts or plan.max_pad_fraction <= 0:
+        return 0
+    others = [int(round(n)) for m, (n, _) in counts.items() if m in ("emotion", "tdmm")]
+    if not others or max(others) - min(others) > plan.frame_tolerance:
+        return 0
+    target = plan.frames or max(others)
+    short = target - int(counts["video"][0])
+    if short <= plan.frame_tolerance or short > plan.max_pad_fraction * target:
+        return 0
+    if "audio" in counts and abs(counts["audio"][0] - target) > plan.frame_tolerance + 0.5:
+        return 0
+    return short
 
 
 def pick_device(preference: str) -> str:
@@ -288,16 +338,19 @@ def network_stages(features: FeatureSet) -> list[tuple[type[NetworkStage], dict[
 
 
 def extract_clip(clip: react.Clip, features: FeatureSet, *, fps: float = 25.0, frames: int | None = None,
-                 frame_tolerance: int = 2, decode_chunk: int = 64, device: str = "cpu") -> dict[str, np.ndarray]:
+                 frame_tolerance: int = 2, decode_chunk: int = 64, device: str = "cpu",
+                 face_boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One clip's features, in this process, by the job's own code path: ``decode_clip``
     (decoding and CPU extractors), then each network stage. No snapshot is written.
 
     Returns ``{column: [T, D]}`` for every extractor of ``features`` and ``"num_frames"`` (T,
     an int). A bad clip raises :class:`ClipError` (stage, file, reason), the error the job
-    quarantines it with. Resolve the feature set (``FeatureSet.resolve``) beforehand, as the job
+    quarantines it with. ``face_boxes``: crop every (resampled) frame to these boxes
+    (pipeline.data.face_crop; ``reactdiff generate`` on a recording). Resolve the feature set (``FeatureSet.resolve``) beforehand, as the job
     does; ``device`` is the network stages' (auto, cpu or cuda).
     """
-    plan = ClipPlan(features, fps=fps, frames=frames, frame_tolerance=frame_tolerance, decode_chunk=decode_chunk)
+    plan = ClipPlan(features, fps=fps, frames=frames, frame_tolerance=frame_tolerance, decode_chunk=decode_chunk,
+                    face_boxes=face_boxes)
     out = decode_clip(clip_row(clip), plan)
     for cls, kwargs in network_stages(features):
         stage = cls(**kwargs, device=device)

@@ -17,6 +17,7 @@ it into a quarantine row instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -187,6 +188,139 @@ class PngFrames(FaceVideo):
         return np.stack(out)
 
 
+class Recording(FaceVideo):
+    """An ordinary recording (webcam, phone): any frame rate, constant or variable, any size, the
+    rotation a phone records honoured — read as ``fps`` frames a second by presentation timestamps
+    (output frame i shows the source frame on screen at ``i / fps``), decoded with PyAV in order.
+
+    ``boxes`` (int [num_frames, 3] left, top, side; pipeline.data.face_crop) crop every output
+    frame to its square face box, resized to ``size``; without boxes frames are the whole upright
+    picture. Frames are read forwards (``crops`` does); going back re-opens the file.
+    """
+
+    def __init__(self, uri: str, fps: float, boxes: np.ndarray | None = None, size: int = 256):
+        self.uri, self.fps, self.size = uri, float(fps), size
+        self.timeline = video_timeline(uri)
+        self.index = self.timeline.resample(self.fps)
+        self.num_frames = len(self.index)
+        self.boxes = boxes
+        if boxes is not None and len(boxes) != self.num_frames:
+            raise ValueError(f"{len(boxes)} face boxes for {self.num_frames} frames")
+        self._reader = None
+        self._next = 0
+
+    def upright(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(output frame index, uint8 RGB upright frame) for every output frame, in order."""
+        import av
+
+        fs, path = storage.filesystem(self.uri)
+        rotation = self.timeline.rotation // 90
+        j, n = 0, self.num_frames
+        with fs.open(path, "rb") as f, av.open(f) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rgb = None
+            for s, frame in enumerate(container.decode(stream)):
+                if j < n and self.index[j] > s:
+                    continue          # dropped: no output frame shows it (a faster source)
+                rgb = frame.to_ndarray(format="rgb24")
+                if rotation:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation))
+                while j < n and self.index[j] <= s:       # repeated for a slower source
+                    yield j, rgb
+                    j += 1
+                if j >= n:
+                    return
+            while rgb is not None and j < n:              # fewer decodable frames than packets: hold
+                yield j, rgb
+                j += 1
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        if self._reader is None or start < self._next:
+            self._reader, self._next = self.upright(), 0
+        out = []
+        for j, rgb in self._reader:
+            self._next = j + 1
+            if j < start:
+                continue
+            out.append(rgb if self.boxes is None else _face_crop(rgb, self.boxes[j], self.size))
+            if j + 1 >= stop:
+                break
+        if not out:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.stack(out)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _face_crop(rgb: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    from pipeline.data.face_crop import crop
+
+    return crop(rgb, box, size)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """A video stream's presentation times, from its packets (no decoding)."""
+
+    pts: np.ndarray            # float64 [frames] seconds, sorted (presentation order)
+    end: float                 # seconds: the last frame's time plus its duration
+    rotation: int              # degrees counter-clockwise the picture is shown rotated by (0/90/180/270)
+    height: int                # of the upright (displayed) picture
+    width: int
+
+    @property
+    def fps(self) -> float:
+        """The mean frame rate (a variable-rate stream has no single one)."""
+        return (len(self.pts)) / max(self.end - self.pts[0], 1e-9)
+
+    @property
+    def variable(self) -> bool:
+        steps = np.diff(self.pts)
+        return len(steps) > 1 and float(steps.max() - steps.min()) > 0.25 * float(np.median(steps))
+
+    @property
+    def seconds(self) -> float:
+        return self.end - float(self.pts[0])
+
+    def resample(self, fps: float) -> np.ndarray:
+        """int [round(seconds * fps)]: the source frame on screen at each output time i / fps."""
+        n = max(1, int(round(self.seconds * fps)))
+        t = self.pts[0] + np.arange(n) / fps
+        # 1 ms of slack: a source at exactly ``fps`` maps frame i to frame i despite rounding.
+        return np.clip(np.searchsorted(self.pts, t + 1e-3, side="right") - 1, 0, len(self.pts) - 1)
+
+
+def video_timeline(uri: str) -> Timeline:
+    """The :class:`Timeline` of a video file's first video stream; ClipError(stage "probe")."""
+    import av
+
+    try:
+        with _video_stream(uri) as (container, stream):
+            base = float(stream.time_base)
+            packets = [(p.pts, p.duration or 0) for p in container.demux(stream) if p.size and p.pts is not None]
+            container.seek(0)
+            first = next(container.decode(stream), None)
+            h, w = stream.codec_context.height, stream.codec_context.width
+    except FileNotFoundError:
+        raise ClipError("probe", uri, "video not found") from None
+    except av.FFmpegError as exc:
+        raise ClipError("probe", uri, f"cannot read video container ({exc})") from None
+    if not packets or first is None:
+        raise ClipError("probe", uri, "the video stream has no decodable frame")
+    packets.sort()
+    pts = np.asarray([p for p, _ in packets], dtype=np.float64) * base
+    last = packets[-1][1] * base or (float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25)
+    rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
+    rotation -= rotation % 90
+    if rotation in (90, 270):
+        h, w = w, h
+    return Timeline(pts, float(pts[-1] + last), rotation, h, w)
+
+
 def png_number(name: str) -> int | None:
     """N of a frame file "N.png" (REACT 2023), else None."""
     stem = name[:-4]
@@ -334,16 +468,24 @@ def audio_at(audio: Audio, rate: int) -> Audio:
 # Probing: what a file holds, from its headers (no decoding); ClipError(stage "probe") when unreadable
 
 
+@contextlib.contextmanager
+def _video_stream(uri: str):
+    """(container, first video stream) of a video file, opened with PyAV."""
+    import av
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f, av.open(f) as container:
+        if not container.streams.video:
+            raise ClipError("probe", uri, "no video stream")
+        yield container, container.streams.video[0]
+
+
 def mp4_info(uri: str) -> tuple[int, float, tuple[int, int]]:
     """(frames, fps, (height, width)) of a video file from its container metadata (no decoding)."""
     import av
 
-    fs, path = storage.filesystem(uri)
     try:
-        with fs.open(path, "rb") as f, av.open(f) as container:
-            if not container.streams.video:
-                raise ClipError("probe", uri, "no video stream")
-            stream = container.streams.video[0]
+        with _video_stream(uri) as (container, stream):
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             frames = int(stream.frames or 0)
             if frames == 0:  # containers without a frame count: count packets (no decoding)

@@ -45,7 +45,7 @@ from pipeline import config as config_mod
 from pipeline.config import option
 from pipeline.errors import UserError
 from pipeline import runtime, storage
-from pipeline.data import media, react
+from pipeline.data import face_crop, media, react
 from pipeline.data.features import Extractor, FeatureSet, feature_set_from_manifest
 from pipeline.data.media import ClipError, read_audio
 from pipeline.data.snapshot import Snapshot, SnapshotError
@@ -63,6 +63,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MIN_FACE_PIXELS = 64          # a frame smaller than this on either side holds no usable face
+MIN_SECONDS = 2.0             # shorter clips hold too little speech to react to
+FACE_CROP_MODES = ("auto", "detect", "off")
+WINDOWS_PER_CALL = 8          # model windows denoised in one generator call (bounds memory on long clips)
 AU, VALENCE_AROUSAL, EXPRESSION = slice(0, 15), slice(15, 17), slice(17, 25)
 PREDICTIONS_MANIFEST = "_predictions.json"   # '_' prefix: Parquet dataset readers skip it
 
@@ -92,11 +95,18 @@ class GenerateConfig:
     features: str | None = option(None, "feature snapshot URI or id: the model's feature set (one clip) or the "
                                         "split's features (--split); default: the model version's snapshot_uri "
                                         "tag", flag="--features", metavar="SNAPSHOT")
-    speaker_video: str | None = option(None, "the speaker's face video (mp4), local or s3://; at least 64x64 px, "
-                                             "25 fps, as long as the model's window (30 s)", flag="--speaker-video",
-                                       group="one speaker clip", metavar="FILE")
-    speaker_audio: str | None = option(None, "the speaker's audio (wav); default: the video's own audio stream",
+    speaker_video: str | None = option(None, "the speaker's video (mp4, mov, webm...), local or s3://: any frame "
+                                             "rate (resampled to 25 fps by timestamps), size and rotation, at least "
+                                             f"{MIN_SECONDS:g} s long; the face is found and cropped",
+                                       flag="--speaker-video", group="one speaker clip", metavar="FILE")
+    speaker_audio: str | None = option(None, "the speaker's audio (wav, flac, mp3, m4a...); default: the video's "
+                                             "own audio stream (AAC, Opus, MP3; any rate and channels)",
                                        flag="--speaker-audio", group="one speaker clip", metavar="FILE")
+    face_crop: str = option("auto", "auto: find the face unless the video is already a square face crop (as "
+                                    "REACT's 256x256 videos); detect: always; off: the whole frame",
+                            flag="--face-crop", group="one speaker clip", choices=list(FACE_CROP_MODES))
+    face_box: str | None = option(None, "the face's box x,y,w,h in pixels of the upright frame: no detection",
+                                  flag="--face-box", group="one speaker clip", metavar="X,Y,W,H")
     speaker_attributes: str | None = option(None, "the speaker's 25-column REACT attributes, drawn above the "
                                                   "reactions in the plot", flag="--speaker-attributes",
                                             group="one speaker clip", metavar="CSV")
@@ -151,6 +161,13 @@ class GenerateConfig:
             raise err("batch_size and actors must be >= 1")
         if self.face_size < 64 or self.face_size % 2:
             raise err("face_size must be an even number >= 64")
+        if self.face_crop not in FACE_CROP_MODES:
+            raise err(f"face_crop must be one of {', '.join(FACE_CROP_MODES)}, got {self.face_crop!r}")
+        if self.face_box is not None:
+            try:
+                face_crop.parse_face_box(self.face_box)
+            except ValueError as exc:
+                raise err(f"--face-box: {exc}") from None
         if self.device not in ("auto", "cuda", "cpu"):
             raise err(f"device must be auto, cuda or cpu, got {self.device!r}")
 
@@ -273,19 +290,21 @@ def _diff(have: dict, want: dict) -> str:
 @dataclass
 class SpeakerClip:
     video: str
-    audio: str | None = None           # wav; None: the video's own audio stream (if it has one)
+    audio: str | None = None           # audio file; None: the video's own audio stream (if it has one)
     attributes: str | None = None      # Emotion csv
     tdmm: str | None = None            # 3D_FV npy
 
     def check_video(self) -> tuple[int, float, tuple[int, int], bool]:
-        """(frames, fps, (h, w), has_audio); GenerationError when unreadable or not face-sized."""
+        """(frames at 25 fps, source fps, upright (h, w), has_audio); GenerationError when
+        unreadable or not face-sized."""
         import av
 
         try:
-            frames, fps, (h, w) = media.mp4_info(self.video)
+            timeline = media.video_timeline(self.video)
         except media.ClipError as exc:
             raise GenerationError(f"speaker video {exc.uri}: {exc.reason} — pass a readable video file "
                                   "(mp4, H.264) of the speaker's face") from None
+        h, w = timeline.height, timeline.width
         if min(h, w) < MIN_FACE_PIXELS:
             raise GenerationError(f"speaker video {self.video} is {w}x{h} pixels: no face-sized frame (at least "
                                   f"{MIN_FACE_PIXELS}x{MIN_FACE_PIXELS}; REACT face crops are 256x256)")
@@ -293,27 +312,55 @@ class SpeakerClip:
         try:
             with fs.open(path, "rb") as f, av.open(f) as container:
                 has_audio = bool(container.streams.audio)
-                first = next(container.decode(video=0), None)
         except av.FFmpegError as exc:
             raise GenerationError(f"speaker video {self.video}: cannot decode ({exc})") from None
-        if first is None:
-            raise GenerationError(f"speaker video {self.video}: no decodable frame")
-        return frames, fps, (h, w), has_audio
+        return len(timeline.resample(react.FPS)), round(timeline.fps, 3), (h, w), has_audio
 
 
-def _check_length(video: str, frames: int, seq_len: int) -> None:
-    if frames < seq_len:
-        raise GenerationError(f"speaker clip {video} has {frames} frames ({frames / react.FPS:.1f} s); the model "
-                              f"needs at least {seq_len} ({seq_len / react.FPS:.1f} s at {react.FPS} fps)")
+def _check_length(video: str, frames: int) -> None:
+    if frames < MIN_SECONDS * react.FPS:
+        raise GenerationError(f"speaker clip {video} is {frames / react.FPS:.2f} s long ({frames} frames at "
+                              f"{react.FPS} fps); reactions need at least {MIN_SECONDS:g} s of the speaker")
+
+
+def speaker_face(speaker: SpeakerClip, mode: str, box: str | None, size: tuple[int, int],
+                 frames: int) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Crop boxes (pipeline.data.face_crop) for the speaker's 25-fps frames, or None for the
+    whole frame; and what was done. ``auto``: a square frame is taken as a face crop already
+    (REACT's videos are 256x256 crops), any other frame is searched."""
+    h, w = size
+    if box is not None:
+        parsed = face_crop.parse_face_box(box)
+        try:
+            boxes = face_crop.fixed_boxes(parsed, frames, h, w)
+        except ValueError as exc:
+            raise GenerationError(f"--face-box: {exc}") from None
+        return boxes, {"mode": "face-box", "face_box": list(parsed)}
+    if mode == "off" or (mode == "auto" and h == w):
+        why = "--face-crop off" if mode == "off" else "a square frame: taken as a face crop already (as REACT's)"
+        return None, {"mode": "whole frame", "why": why}
+    try:
+        video, report = face_crop.open_face_video(speaker.video, react.FPS)
+    except ValueError as exc:
+        raise GenerationError(f"speaker video {storage.redact(speaker.video)} ({w}x{h}): {exc}") from None
+    except media.ClipError as exc:
+        raise GenerationError(f"speaker video {storage.redact(exc.uri)}: {exc.reason}") from None
+    video.close()
+    log.info("face found in %d of %d frames searched; crop %s px, jitter %.2f -> %.2f px after smoothing",
+             report["found"], report["searched"], report["crop_side_px"], report["jitter_px"],
+             report["smoothed_jitter_px"])
+    return video.boxes, {"mode": "detected", **report}
 
 
 def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: dict[str, str] | None = None,
-                    device: str = "cpu", video_info: tuple | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                    device: str = "cpu", video_info: tuple | None = None,
+                    face_boxes: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The speaker's features {column: float32 [T, D]}, computed by the extraction job's code.
 
     Uses ``pipeline.data.clip.extract_clip`` (``decode_clip`` with the CPU extractors, then the
     job's network stages for TorchScript/wav2vec2 extractors) — the very code that built the
-    snapshot. ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
+    snapshot — on the clip read at 25 fps by timestamps, cropped to ``face_boxes`` when given.
+    ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
     """
     from pipeline.data import clip as clip_features
     from pipeline.data.media import ClipError
@@ -326,7 +373,7 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
     if acoustic:
         if speaker.audio is None and not has_audio:
             raise GenerationError(f"the model listens to the speaker ({', '.join(acoustic)}) but {speaker.video} "
-                                  "has no audio stream: pass --speaker-audio FILE.wav")
+                                  "has no audio stream: pass --speaker-audio FILE (wav, mp3, m4a...)")
         info["audio"] = speaker.audio or speaker.video
     labels = {e.type: e for e in feature_set.labels}
     for kind, flag, uri in (("emotion", "--speaker-attributes", speaker.attributes),
@@ -337,15 +384,102 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
     clip = react.Clip(clip_id="speaker", split="", site="", session="", role="", index="",
                       video=speaker.video, video_format="mp4", audio=info["audio"],
                       emotion=speaker.attributes, tdmm=speaker.tdmm)
+    # A recording's frame count is its own (never the dataset's fixed one), and its sound may
+    # start or end up to a second off the picture (cameras, phones): the audio is fitted to it.
+    policy = {**policy, "frames": None, "frame_tolerance": max(int(policy.get("frame_tolerance", 2)), react.FPS)}
     try:
-        out = clip_features.extract_clip(clip, feature_set, **policy, device=device)
+        out = clip_features.extract_clip(clip, feature_set, **policy, device=device, face_boxes=face_boxes)
     except ClipError as exc:
-        hint = (" (pass --speaker-audio FILE.wav)" if exc.stage == "decode_audio" else
-                " (re-encode it, e.g. ffmpeg -i in.mp4 -r 25 out.mp4)" if "fps" in exc.reason else "")
+        hint = " (pass --speaker-audio FILE)" if exc.stage == "decode_audio" else ""
         raise GenerationError(f"speaker clip: {exc.stage}: {storage.redact(exc.uri)}: {exc.reason}{hint}") from None
     info["frames"] = int(out["num_frames"])
     features = {c: np.asarray(out[c], dtype=np.float32) for c in model.inputs}
     return features, info
+
+
+def windows(frames: int, seq_len: int, overlap: int) -> list[int]:
+    """Start frames of the model windows covering ``frames`` frames: every ``seq_len - overlap``,
+    the last one ending on the last frame (it may overlap its neighbour by more). A clip of at
+    most ``seq_len + 1`` frames is one window (REACT's 751: the 751st repeats the 750th)."""
+    if frames <= seq_len + 1:
+        return [0]
+    stride = seq_len - overlap
+    starts = list(range(0, frames - seq_len, stride))
+    return starts + [frames - seq_len]
+
+
+def crossfade_weights(starts: list[int], seq_len: int, overlap: int) -> np.ndarray:
+    """float [W, seq_len]: 1 inside each window, linear ramps over ``overlap`` frames where it
+    meets a neighbour, so the weighted mean of overlapping windows slides from one to the next."""
+    ramp = np.arange(1, overlap + 1, dtype=np.float64) / (overlap + 1)
+    weights = np.ones((len(starts), seq_len))
+    for w in range(len(starts)):
+        if w > 0:
+            weights[w, :overlap] = ramp
+        if w < len(starts) - 1:
+            weights[w, seq_len - overlap:] = ramp[::-1]
+    return weights
+
+
+def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, *, samples: int, seed: int,
+                       steps: int | None, decoder_dropout: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """K reactions (raw emotion [K, T, 25], tdmm [K, T, 58]) for a speaker clip of any length T.
+
+    The model reacts to windows of ``seq_len`` frames (30 s); REACT's 751-frame clips are one
+    window and the 751st frame repeats the 750th, as before. A shorter clip is looped to fill
+    one window and the reactions cut back to its length; a longer one is covered by windows
+    overlapping by a fifth of a window (6 s), window w drawn with seed ``seed + w`` and
+    neighbours cross-faded linearly over the overlap (no jump at a seam).
+    """
+    import torch
+
+    seq_len = int(generator.config.seq_len)
+    overlap = seq_len // 5
+    if frames < seq_len:
+        reps = -(-seq_len // frames)
+        feats = {k: np.concatenate([v[:frames]] * reps)[:seq_len] for k, v in features.items()}
+        r = generator.generate({k: torch.from_numpy(v) for k, v in feats.items()}, num_samples=samples,
+                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
+        note = (f"the clip has {frames} frames, fewer than the model's {seq_len}-frame window: the speaker was "
+                f"looped {reps} times to fill it and the reactions cut back to {frames} frames")
+        return (r.emotion.float().cpu().numpy()[:, :frames], r.tdmm.float().cpu().numpy()[:, :frames], note)
+    starts = windows(frames, seq_len, overlap)
+    if len(starts) == 1:
+        r = generator.generate({k: torch.from_numpy(v) for k, v in features.items()}, num_samples=samples,
+                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
+        return r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy(), ""
+    weights = crossfade_weights(starts, seq_len, overlap)
+    emotion = tdmm = None
+    total = np.zeros(frames)
+    for first in range(0, len(starts), WINDOWS_PER_CALL):
+        chunk = starts[first:first + WINDOWS_PER_CALL]
+        batch = {k: torch.from_numpy(np.stack([v[s:s + seq_len] for s in chunk])) for k, v in features.items()}
+        r = generator.generate(batch, num_samples=samples, steps=steps, seed=[seed + first + i for i in range(len(chunk))],
+                               decoder_dropout=decoder_dropout)
+        e, t = r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy()      # [W, K, L, D]
+        if emotion is None:
+            emotion = np.zeros((samples, frames, e.shape[-1]))
+            tdmm = np.zeros((samples, frames, t.shape[-1]))
+        for i, s in enumerate(chunk):
+            wt = weights[first + i][None, :, None]
+            emotion[:, s:s + seq_len] += wt * e[i]
+            tdmm[:, s:s + seq_len] += wt * t[i]
+            total[s:s + seq_len] += weights[first + i]
+    note = (f"{len(starts)} model windows of {seq_len} frames (starting at {starts}) overlap by at least "
+            f"{overlap} frames and are cross-faded linearly; window w is drawn with seed {seed} + w")
+    return ((emotion / total[None, :, None]).astype(np.float32), (tdmm / total[None, :, None]).astype(np.float32),
+            note)
+
+
+def speaker_video_frames(video: str, boxes: np.ndarray | None, size: int):
+    """The speaker's 25-fps frames as the model saw them (the face crop, or the whole upright
+    frame), for the side-by-side video; ``render`` scales them to its size."""
+    recording = media.Recording(video, react.FPS, boxes, size=size)
+    try:
+        for start in range(0, recording.num_frames, 64):
+            yield from recording.frames(start, min(start + 64, recording.num_frames))
+    finally:
+        recording.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,23 +588,24 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     log.info("model %s (%s), inputs %s", cfg.model,
              f"{model.version.name} v{model.version.version}" if model.version else "file", model.inputs)
 
-    _check_length(speaker.video, video_info[0], model.seq_len)
+    _check_length(speaker.video, video_info[0])
 
     t0 = time.perf_counter()
-    features, info = extract_speaker(model, speaker, cfg.feature_models, device, video_info)
+    face_boxes, face = speaker_face(speaker, cfg.face_crop, cfg.face_box, video_info[2], video_info[0])
+    timings["face_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    features, info = extract_speaker(model, speaker, cfg.feature_models, device, video_info, face_boxes)
     timings["features_s"] = time.perf_counter() - t0
     frames = info["frames"]
-    _check_length(speaker.video, frames, model.seq_len)
-    out_frames = min(frames, model.seq_len + 1)   # REACT: 751 = the 750 generated + 1 repeated
+    _check_length(speaker.video, frames)
+    out_frames = frames   # the whole clip; REACT's 751 = the model's 750 + 1 repeated
     log.info("speaker features %s for %d frames; generating %d reactions", list(features), frames, cfg.samples)
 
     t0 = time.perf_counter()
-    reaction = model.generator.generate({k: torch.from_numpy(v) for k, v in features.items()},
-                                        num_samples=cfg.samples, steps=cfg.steps, seed=cfg.seed,
-                                        decoder_dropout=cfg.decoder_dropout)
+    raw_emotion, tdmm, windowing = generate_reactions(model.generator, features, frames, samples=cfg.samples,
+                                                      seed=cfg.seed, steps=cfg.steps,
+                                                      decoder_dropout=cfg.decoder_dropout)
     timings["generate_s"] = time.perf_counter() - t0
-    raw_emotion = reaction.emotion.float().cpu().numpy()
-    tdmm = reaction.tdmm.float().cpu().numpy()
     if not np.isfinite(tdmm).all():
         raise GenerationError("the model produced NaN or infinite 3DMM coefficients; the checkpoint is broken")
     emotion, fixes = clean_emotion(raw_emotion, cfg.binarize)
@@ -513,7 +648,8 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
         name = f"reaction_{k:02d}.mp4"
         caption = f"generated reaction #{k}"
         uri = write_local_or_remote(out, name, lambda p: render.write_reaction_video(
-            p, speaker.video, emotion[k], tdmm[k], renderer=renderer, audio=audio, caption=caption))
+            p, speaker_video_frames(speaker.video, face_boxes, renderer.size), emotion[k], tdmm[k],
+            renderer=renderer, audio=audio, caption=caption))
         files["video"].append(uri)
         timings["video_s"] = time.perf_counter() - t0
 
@@ -525,14 +661,17 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
              "AU occurrences " + ("binarised at 0.5" if cfg.binarize else "clipped to [0, 1]")
              + "; valence and arousal clipped to [-1, 1]",
              "3DMM files hold absolute FaceVerse v2 coefficients (mean_face added back)"]
-    if frames > out_frames:
-        notes.append(f"the speaker clip has {frames} frames; only the first {model.seq_len} condition the model")
+    if windowing:
+        notes.append(windowing)
+    if face["mode"] == "detected":
+        notes.append(f"face found in {face['found']} of {face['searched']} frames searched and tracked; the crop "
+                     f"box is smoothed over 1 s (jitter {face['jitter_px']:.2f} -> {face['smoothed_jitter_px']:.2f} px)")
     summary = {"model": model.describe(), "speaker": {k: storage.redact(v) if isinstance(v, str) else v
                                                       for k, v in {**asdict(speaker), **info}.items()},
                "samples": cfg.samples, "seed": cfg.seed, "steps": cfg.steps, "binarize": cfg.binarize,
                "decoder_dropout": cfg.decoder_dropout,
                "frames": {"generated": generated, "written": out_frames, "padded": out_frames - generated},
-               "fixes": fixes, "notes": notes, "renderer": cfg.renderer if cfg.video else None,
+               "face": face, "fixes": fixes, "notes": notes, "renderer": cfg.renderer if cfg.video else None,
                "video_sample": cfg.video_sample if cfg.video else None, "timings": timings,
                "files": {k: [storage.redact(u) for u in v] for k, v in files.items()}}
     uri = storage.join(out, "generation.json")

@@ -105,12 +105,23 @@ def _caption(width: int, text: str) -> np.ndarray:
     return np.asarray(bar)
 
 
-def speaker_frames(video: str, size: int) -> Iterator[np.ndarray]:
+def speaker_frames(video: str | Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
     """The speaker's frames as uint8 [size, size, 3]: scaled to ``size`` high, centre-cropped
-    or padded to square. Reads local paths and URIs (the file is fetched once)."""
+    or padded to square. ``video``: a file, local or a URI (fetched once), decoded as it is; or
+    frames already read (``pipeline.generate.job.speaker_video_frames``: 25 fps, face-cropped)."""
     import av
 
     from pipeline import storage
+
+    if not isinstance(video, str):
+        import cv2
+
+        for rgb in video:
+            h, w = rgb.shape[:2]
+            side = min(h, w)
+            square = rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+            yield cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=cv2.INTER_AREA)
+        return
 
     source = video if not storage.is_remote(video) else io.BytesIO(storage.read_bytes(video))
     with av.open(source) as container:
@@ -128,7 +139,7 @@ def speaker_frames(video: str, size: int) -> Iterator[np.ndarray]:
                 yield pad
 
 
-def write_reaction_video(out_path: str, speaker_video: str, emotion: np.ndarray, tdmm: np.ndarray, *,
+def write_reaction_video(out_path: str, speaker_video: str | Iterable[np.ndarray], emotion: np.ndarray, tdmm: np.ndarray, *,
                          renderer: FaceRenderer | None = None, audio: tuple[np.ndarray, int] | None = None,
                          fps: int = FPS, caption: str = "generated reaction", crf: int = 23) -> int:
     """Speaker video | animated face, H.264 (yuv420p) at ``fps``; returns the frame count.
