@@ -69,9 +69,13 @@ class EvaluationReport:
     model_version: str | None = None
     predictions_uri: str | None = None
     metrics_version: str | None = None                          # reactdiff.__version__
+    # Reaction plots of the first items, PNG bytes by file name: MLflow artifacts, not in the JSON.
+    figures: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("figures")
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"

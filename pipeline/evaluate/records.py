@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import reactdiff
@@ -67,6 +69,11 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
     c.log_batch(run_id, metrics=rows)
     c.log_text(run_id, report.to_json(), f"evaluation/{report.split}_report.json")
     c.log_text(run_id, report.table() + "\n", f"evaluation/{report.split}_table.txt")
+    if report.figures:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, png in report.figures.items():
+                Path(tmp, name).write_bytes(png)
+            c.log_artifacts(run_id, tmp, f"evaluation/{report.split}_reactions")
     if new_run:
         tracking.finish_run(run_id)
     return run_id

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 import reactdiff
-from pipeline import progress
+from pipeline import plots, progress
 from pipeline.config import ConfigError, option
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.predictions import generate_predictions, write_predictions
@@ -179,11 +179,27 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: Snapshot
         write_predictions(save_predictions, pred, [i.index for i in items])
     if model_uri is None and isinstance(generator, str):
         model_uri = generator
-    return evaluate_predictions(
+    report = evaluate_predictions(
         pred, snapshot, split, o, baselines=baselines, timings=timings, steps=o.steps, model_uri=model_uri,
         predictions_uri=save_predictions, decoder_dropout=o.decoder_dropout, **model_description(generator),
         model_name=model_version.name if model_version else None,
         model_version=str(model_version.version) if model_version else None)
+    report.figures = reaction_figures(pred, snapshot, items)
+    return report
+
+
+FIGURE_ITEMS = 2     # reaction plots per evaluation (MLflow artifacts)
+
+
+def reaction_figures(pred: np.ndarray, snapshot: Snapshot, items, n: int = FIGURE_ITEMS) -> dict[str, bytes]:
+    """The K reactions of the first ``n`` items under their speaker's attributes, beside the real
+    listener: what a model's numbers look like."""
+    items = list(items)[:n]
+    listener, speaker = ground_truth(snapshot, items, FRAMES)
+    return {f"reaction_item{item.index:04d}.png": plots.figure_png(plots.plot_reactions(
+                pred[k][:, :FRAMES], speaker[k], real_emotion=listener[k],
+                title=f"{snapshot.id} {item.split} item {item.index}"))
+            for k, item in enumerate(items)}
 
 
 def open_snapshot(ref: str | None, version: "ModelVersion | None" = None) -> Snapshot:

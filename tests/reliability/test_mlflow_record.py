@@ -41,7 +41,9 @@ def test_the_model_version_shows_its_evaluation_metrics_and_artifacts(clean_shel
     assert {"training", "evaluation"} <= contexts
     assert "val_FRCorr" in {m["key"] for m in training["data"]["metrics"]}
     files = {f["path"] for f in _get(base, "artifacts/list", run_id=version["run_id"], path="evaluation")["files"]}
-    assert {"evaluation/val_report.json", "evaluation/val_table.txt"} <= files
+    assert {"evaluation/val_report.json", "evaluation/val_table.txt", "evaluation/val_reactions"} <= files
+    figures = _get(base, "artifacts/list", run_id=version["run_id"], path="evaluation/val_reactions")["files"]
+    assert figures and all(f["path"].endswith(".png") for f in figures)
     tags = {t["key"]: t["value"] for t in training["data"]["tags"]}
     assert tags.get("mlflow.source.git.commit"), sorted(tags)              # code version of the run
 
