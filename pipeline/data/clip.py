@@ -36,7 +36,7 @@ SUMMARY_DEFAULTS: dict[str, Any] = {
     "clip_id": "", "split": "", "status": "ok", "stage": "", "error_uri": "", "reason": "",
     "content_hash": "", "num_frames": 0, "file": "", "bytes": 0, "column_bytes": "{}",
     "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
-    "warnings": "",                # repairs made to the clip ("; "-separated), recorded in the manifest
+    "warnings": "",                # repairs made to the clip, one a line: ClipEntry.warnings in the manifest
 }
 MODALITY_FOLDERS = {"video": "Video_files", "audio": "Audio_files", "emotion": "Emotion", "tdmm": "3D_FV_files"}
 
@@ -156,7 +156,7 @@ def _decode_clip(row: dict[str, Any], plan: ClipPlan, opened: list) -> dict[str,
             reason = f"{modality} has {have} frames but the clip has {frames}"
         raise ClipError("frames", uri, f"{reason} (tolerance {plan.frame_tolerance}; {listing})")
 
-    out: dict[str, Any] = {"num_frames": frames, "warnings": "; ".join(warnings)}
+    out: dict[str, Any] = {"num_frames": frames, "warnings": "\n".join(warnings)}
     for e, arr in labels.items():
         out[e.column] = fit_frames(arr, frames)
     t_audio = time.perf_counter()

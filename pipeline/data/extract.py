@@ -52,8 +52,8 @@ from pipeline.config import option
 from pipeline import storage
 from pipeline import progress, runtime
 from pipeline.data import react
-from pipeline.data.clip import (CLIP_FIELDS, ClipPlan, clip_row, decode_clip, network_stages, peak_rss_mb,
-                                to_batch, to_row)
+from pipeline.data.clip import (CLIP_FIELDS, SUMMARY_DEFAULTS, ClipPlan, clip_row, decode_clip, network_stages,
+                                peak_rss_mb, to_batch, to_row)
 from pipeline.data.features import FeatureSet, load_feature_set
 from pipeline.data.media import ClipError, _short
 from pipeline.data.snapshot import (MEAN_FACE_MISSING, Bytes, ClipEntry, ColumnEntry, Counts, FeatureSetRecord, Manifest, Problem,
@@ -62,12 +62,6 @@ from pipeline.data.snapshot import (MEAN_FACE_MISSING, Bytes, ClipEntry, ColumnE
 
 log = logging.getLogger(__name__)
 
-# What every clip reports back to the driver (small: no features).
-SUMMARY_DEFAULTS: dict[str, Any] = {
-    "clip_id": "", "split": "", "status": "ok", "stage": "", "error_uri": "", "reason": "",
-    "content_hash": "", "num_frames": 0, "file": "", "bytes": 0, "column_bytes": "{}",
-    "prepare_s": 0.0, "video_s": 0.0, "audio_s": 0.0, "network_s": 0.0, "write_s": 0.0, "peak_rss_mb": 0.0,
-}
 # Ray Data retries a map task whose worker died forever by default (max_retries=-1, and
 # max_task_retries=-1 for actor pools): a clip that kills its worker on every attempt (a decoder
 # segfault, out of memory) would hang the job. After this many retries the block fails, the job
@@ -99,6 +93,10 @@ class ExtractConfig:
                                       "null: each clip's own video frame count")
     frame_tolerance: int = option(2, "frames the modalities of one clip may differ by (padded/cropped) "
                                      "before quarantine")
+    max_pad_fraction: float = option(0.02, "a video at most this fraction of the labels' frames short is padded "
+                                           "by repeating its last frame (with a warning); beyond: quarantined")
+    face_crop: bool = option(False, "the videos are not face crops (REACT's are): detect, track and crop the "
+                                    "face of every frame (pipeline.data.face_crop)")
     decode_chunk: int = option(64, "frames decoded at once (bounds memory per task)")
     compression_level: int = option(3, "zstd level of the Parquet files")
     max_failure_fraction: float = option(0.05, "quarantined fraction above which nothing is published (exit 1)")
@@ -118,6 +116,8 @@ class ExtractConfig:
             raise config_mod.ConfigError("fps must be > 0")
         if self.frames is not None and self.frames < 1:
             raise config_mod.ConfigError("frames must be >= 1 (or null)")
+        if not 0.0 <= self.max_pad_fraction < 1.0:
+            raise config_mod.ConfigError("max_pad_fraction must be in [0, 1)")
         if self.frame_tolerance < 0 or self.decode_chunk < 1:
             raise config_mod.ConfigError("frame_tolerance must be >= 0 and decode_chunk >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -393,7 +393,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     snapshot_uri = storage.join(out_root, snapshot_id)
     storage.makedirs(snapshot_uri)
     writer = SnapshotWriter(snapshot_uri, features.extractors, cfg.fps, cfg.compression_level)
-    plan = Plan(ClipPlan(features, cfg.fps, cfg.frames, cfg.frame_tolerance, cfg.decode_chunk, dataset.root), writer)
+    plan = Plan(ClipPlan(features, cfg.fps, cfg.frames, cfg.frame_tolerance, cfg.decode_chunk, dataset.root,
+                         cfg.max_pad_fraction, cfg.face_crop), writer)
     rows = []
     for c in clips:
         row = clip_row(c)
@@ -444,7 +445,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         incremental_from=base.id if base is not None else None,
         splits=split_entries, quarantine=quarantine, problems=problems, mean_face=mean_face,
         clips={cid: ClipEntry(s["split"], s["file"], int(s["bytes"]), int(s["num_frames"]), s["content_hash"],
-                              s["status"] == "carried", json.loads(s["column_bytes"] or "{}"))
+                              s["status"] == "carried", json.loads(s["column_bytes"] or "{}"),
+                              s["warnings"].splitlines())
                for cid, s in ok.items()},
     )
     fill_statistics(manifest, summaries, considered=len(rows), plan_s=plan_s, pipeline_s=pipeline_s)

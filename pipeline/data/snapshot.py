@@ -151,6 +151,7 @@ class ClipEntry:
     content_hash: str = ""      # fingerprint of the source files: --incremental-from reuses the clip if equal
     carried: bool = False       # copied from the base snapshot, not extracted again
     column_bytes: dict[str, int] = field(default_factory=dict)   # compressed bytes per feature column
+    warnings: list[str] = field(default_factory=list)   # repairs: resampled to the rate, padded video frames
 
 
 @dataclass
@@ -223,7 +224,14 @@ class Manifest:
 
     @property
     def warnings(self) -> list[str]:
-        return [] if self.mean_face else [MEAN_FACE_MISSING]
+        """What a user of the snapshot should know: a missing mean face, clips that were repaired."""
+        out = [] if self.mean_face else [MEAN_FACE_MISSING]
+        repaired = {cid: c.warnings for cid, c in self.clips.items() if c.warnings}
+        if repaired:
+            first = next(iter(repaired))
+            out.append(f"{len(repaired)} clip(s) repaired during extraction (clips.<id>.warnings), e.g. {first}: "
+                       f"{repaired[first][0]}")
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,70 @@
+"""Extraction repairs what it can (issue #17 item 3): a REACT clip whose video has another frame
+rate is resampled by timestamps, a video a few frames short of its labels (<= max_pad_fraction)
+is padded with its last frame — each with a warning in the manifest; beyond that, quarantine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data import react
+from pipeline.data.clip import ClipPlan, clip_row, decode_clip
+from pipeline.data.extract import ExtractConfig, extract
+from pipeline.data.features import load_feature_set
+from pipeline.data.media import ClipError
+from tests.helpers.media import flash_frames, write_mp4
+
+FRAMES = 251                       # 2 % of it: 5 frames
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four REACT clips of 251 frames: one at 30 fps, one 5 frames short, one 11 short, one intact."""
+    from pipeline.data import synth
+
+    root = tmp_path_factory.mktemp("repair") / "react"
+    synth.generate(str(root), dyads=(2, 0, 0), frames=FRAMES, seed=4)
+    clips = react.open_dataset(str(root)).clips()
+    fps30, short, too_short, intact = clips[:4]
+    # The same 10.04 s at 30 fps (a bright flash at 4 s), 5 and 11 frames short at 25 fps.
+    write_mp4(fps30.video, flash_frames(round(FRAMES * 30 / 25), bright=range(120, 126)), fps=30)
+    write_mp4(short.video, flash_frames(FRAMES - 5))
+    write_mp4(too_short.video, flash_frames(FRAMES - 11))
+    return {"root": str(root), "fps30": fps30, "short": short, "too_short": too_short, "intact": intact}
+
+
+def plan(**kw) -> ClipPlan:
+    features = load_feature_set("demo")
+    features.resolve()
+    return ClipPlan(features, **{"max_pad_fraction": 0.02, **kw})
+
+
+def test_a_30fps_video_is_resampled_by_timestamps(dataset):
+    out = decode_clip(clip_row(dataset["fps30"]), plan())
+    assert out["num_frames"] == FRAMES
+    assert "30 fps: resampled to 25 fps" in out["warnings"]
+    bright = np.flatnonzero(out["video_pixels"].astype(np.float32).mean(axis=1) > 0.5)
+    assert bright.min() == 100 and bright.max() == 104              # the flash at 4.0-4.2 s, now at 25 fps
+
+
+def test_a_video_a_few_frames_short_is_padded_beyond_it_is_refused(dataset):
+    out = decode_clip(clip_row(dataset["short"]), plan())
+    assert out["num_frames"] == FRAMES and "padded by repeating its last frame 5 time(s)" in out["warnings"]
+    np.testing.assert_array_equal(out["video_pixels"][-1], out["video_pixels"][FRAMES - 6])
+    with pytest.raises(ClipError, match=f"video has {FRAMES - 11} frames"):
+        decode_clip(clip_row(dataset["too_short"]), plan())
+    with pytest.raises(ClipError, match=f"video has {FRAMES - 5} frames"):       # max_pad_fraction=0: as before
+        decode_clip(clip_row(dataset["short"]), plan(max_pad_fraction=0.0))
+
+
+def test_the_manifest_records_the_repairs(ray_local, dataset, tmp_path):
+    result = extract(ExtractConfig(data=dataset["root"], out=str(tmp_path / "snapshots"), max_failure_fraction=0.5))
+    m = result.manifest
+    assert result.published
+    clips = m.clips
+    assert clips[dataset["fps30"].clip_id].warnings[0].startswith("video is 30 fps: resampled to 25 fps")
+    assert "padded" in clips[dataset["short"].clip_id].warnings[0]
+    assert clips[dataset["short"].clip_id].num_frames == FRAMES
+    assert clips[dataset["intact"].clip_id].warnings == []
+    assert [(q.clip_id, q.stage) for q in m.quarantine] == [(dataset["too_short"].clip_id, "frames")]
+    assert any("2 clip(s) repaired" in w for w in m.warnings)
