@@ -68,3 +68,25 @@ def test_the_manifest_records_the_repairs(ray_local, dataset, tmp_path):
     assert clips[dataset["intact"].clip_id].warnings == []
     assert [(q.clip_id, q.stage) for q in m.quarantine] == [(dataset["too_short"].clip_id, "frames")]
     assert any("2 clip(s) repaired" in w for w in m.warnings)
+
+
+def test_face_crop_for_datasets_whose_videos_are_not_face_crops(tmp_path):
+    """ExtractConfig.face_crop: the tracked face, not the whole frame, reaches the extractors."""
+    from tests.helpers.media import moving_face_frames, write_recording
+
+    frames, _ = moving_face_frames(50, size=(240, 320), side=140)
+    clip = react.Clip(clip_id="webcam", split="train", site="", session="", role="", index="",
+                      video=write_recording(tmp_path / "webcam.mp4", frames, fps=30), video_format="mp4",
+                      audio=None, emotion=None, tdmm=None)
+    features = load_feature_set("demo")
+    features.extractors = [e for e in features.extractors if e.kind == "facial"]
+    features.resolve()
+    cropped = decode_clip(clip_row(clip), ClipPlan(features, face_crop=True))
+    whole = decode_clip(clip_row(clip), ClipPlan(features))
+    assert cropped["num_frames"] == whole["num_frames"] == 42                 # 50 frames at 30 fps -> 25 fps
+    assert np.abs(cropped["video_pixels"].astype(np.float32) - whole["video_pixels"].astype(np.float32)).mean() > 0.05
+    nobody = react.Clip(clip_id="nobody", split="train", site="", session="", role="", index="",
+                        video=write_recording(tmp_path / "nobody.mp4", flash_frames(30, size=(240, 320))),
+                        video_format="mp4", audio=None, emotion=None, tdmm=None)
+    with pytest.raises(ClipError, match="no face found"):
+        decode_clip(clip_row(nobody), ClipPlan(features, face_crop=True))
