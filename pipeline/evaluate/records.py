@@ -37,7 +37,7 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
 
     c = tracking.client()
     run_id = getattr(version, "run_id", None) if version is not None else None
-    model_id = getattr(version, "model_id", None) if version is not None else None
+    model_id = logged_model_id(version) if version is not None else None
     new_run = not run_id
     if new_run:
         run_id = tracking.create_run(
@@ -77,6 +77,14 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
     if new_run:
         tracking.finish_run(run_id)
     return run_id
+
+
+def logged_model_id(version: "ModelVersion") -> str | None:
+    """The MLflow 3 logged model behind a registry version: its ``model_id``, which a version
+    registered from ``models:/m-…`` does not always carry, else the id in that source URI."""
+    source = getattr(version, "source", None) or ""
+    return getattr(version, "model_id", None) or (source.removeprefix("models:/")
+                                                  if source.startswith("models:/m-") else None)
 
 
 # Metrics of a registry version per evaluation protocol, kept in a version tag so that
