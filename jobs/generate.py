@@ -1,17 +1,23 @@
 """Generate listener reactions for a new speaker clip, or predictions for a whole split.
 
-One clip: the speaker's features are extracted with the extraction job's own code and the
-feature set recorded with the model (its snapshot manifest), the model draws K reactions, and
-OUT receives per sample the REACT formats plus pictures:
+One clip — an ordinary recording: any frame rate (resampled to 25 fps by timestamps), size,
+rotation and length from 2 s; the face found, tracked and cropped (or --face-box); the sound
+from the container or --speaker-audio (docs/generation.md). The speaker's features are
+extracted with the extraction job's own code and the feature set recorded with the model (its
+snapshot manifest), the model draws K reactions for every frame of the clip (30-s windows,
+overlapping and cross-faded on longer clips), and OUT receives per sample the REACT formats
+plus pictures:
 
-  reaction_00.csv ...  25 columns AU1 ... Contempt, one row per frame (751: the model makes 750,
-                       the last row repeats frame 750); AUs in [0, 1], valence/arousal in [-1, 1],
-                       expression probabilities clipped at 0 and renormalised to sum to 1
-  reaction_00.npy ...  751 x 58 FaceVerse v2 coefficients (52 expression, 3 rotation, 3 translation)
+  reaction_00.csv ...  25 columns AU1 ... Contempt, one row per frame at 25 fps (a REACT clip:
+                       751, the model makes 750 and the last row repeats frame 750); AUs in
+                       [0, 1], valence/arousal in [-1, 1], expression probabilities clipped at 0
+                       and renormalised to sum to 1
+  reaction_00.npy ...  T x 58 FaceVerse v2 coefficients (52 expression, 3 rotation, 3 translation)
   reactions.png        all K reactions' trajectories (AU raster, valence/arousal, expressions)
                        under the speaker's attributes when --speaker-attributes is given
   reaction_00.mp4      the speaker video beside a face animated by one reaction (H.264, 25 fps)
-  generation.json      model version, seeds, inputs, what was clipped or padded, timings
+  generation.json      model version, seeds, inputs, the face found, windows, what was clipped
+                       or padded, timings
 
 A whole split (--split) writes Parquet predictions (one row per directed item: item, emotion
 [K, T, 25], speaker, listener, seed) in the evaluation contract, with the evaluation job's
@@ -19,6 +25,7 @@ per-item seeds, so `reactdiff evaluate --predictions OUT` scores them without re
 
 Examples:
   reactdiff generate --model models:/reactdiff@champion --speaker-video talk.mp4 --out reactions/
+  reactdiff generate --speaker-video phone-30fps.mov --face-box 420,300,380,380 --out reactions/
   reactdiff generate --speaker-video talk.mp4 --speaker-audio talk.wav \\
       --speaker-attributes talk.csv --samples 10 --seed 3 --out s3://bucket/reactions/talk
   reactdiff generate --model models:/reactdiff/4 --features s3://bucket/snapshots/<id> \\

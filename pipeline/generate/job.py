@@ -4,20 +4,24 @@ One clip (``reactdiff generate --speaker-video X.mp4``), read top to bottom as t
 
     model URI ─ registry ─ generator + version ─ version tag snapshot_uri ─ snapshot manifest
                                                    └─ the feature set the model was trained on
-    speaker mp4 (+ wav) ─ checks (readable, face-sized, audio when the model hears)
-                        ─ pipeline.data.clip.extract_clip: decode_clip + the network stages (the
-                          extraction job's own code: the speaker gets exactly the features of training)
-                        ─ generator.generate: K reactions [K, 750, 25] + [K, 750, 58]
-                        ─ REACT files per sample: 25-column attributes csv, 751 x 58 3DMM npy
-                        ─ reactions.png (all K under the speaker), reaction_00.mp4 (speaker | face)
+    speaker video (+ audio) ─ checks (readable, face-sized, >= 2 s, audio when the model hears)
+                        ─ speaker_face: the face detected, tracked and smoothed (pipeline.data.face_crop)
+                        ─ pipeline.data.clip.extract_clip: the clip at 25 fps by timestamps, upright,
+                          cropped; decode_clip + the network stages (the extraction job's own code:
+                          the speaker gets exactly the features of training)
+                        ─ generate_reactions: K reactions [K, T, 25] + [K, T, 58] for all T frames
+                          (750-frame windows; shorter clips looped, longer ones cross-faded)
+                        ─ REACT files per sample: 25-column attributes csv, T x 58 3DMM npy
+                        ─ reactions.png (all K under the speaker), reaction_00.mp4 (speaker crop | face)
 
 What the written files guarantee (the raw network output is unconstrained):
 
 * AU occurrences in [0, 1] (``--binarize``: 0/1 at 0.5), valence/arousal in [-1, 1];
 * the 8 expression probabilities are clipped at 0 and renormalised to sum to 1 on every frame
   (a frame with no positive value becomes uniform, 1/8 each);
-* the model generates ``seq_len`` = 750 frames (frames 0..749, as the reference); REACT files
-  have 751, so the 751st row repeats the 750th. ``generation.json`` says so, per run.
+* one row per frame of the speaker clip at 25 fps; a REACT clip (751 frames) is one model window
+  of ``seq_len`` = 750 frames (0..749, as the reference) and its 751st row repeats the 750th.
+  ``generation.json`` says so, per run, with the windows used (docs/generation.md).
 
 A whole split (``reactdiff generate --features SNAPSHOT --split test``) runs the evaluation job's
 own Ray Data pipeline (``pipeline.evaluate.predictions.predictions_dataset``: its actor pool and
@@ -36,7 +40,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +57,7 @@ from pipeline.evaluate.predictions import actor_pool, predictions_dataset
 from pipeline.evaluate.protocol import available_items, item_seed, model_features
 from pipeline import plots
 from pipeline.generate import render
+from pipeline.generate.windows import generate_reactions
 from pipeline.registry.models import RegistryError, load_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +70,6 @@ log = logging.getLogger(__name__)
 MIN_FACE_PIXELS = 64          # a frame smaller than this on either side holds no usable face
 MIN_SECONDS = 2.0             # shorter clips hold too little speech to react to
 FACE_CROP_MODES = ("auto", "detect", "off")
-WINDOWS_PER_CALL = 8          # model windows denoised in one generator call (bounds memory on long clips)
 AU, VALENCE_AROUSAL, EXPRESSION = slice(0, 15), slice(15, 17), slice(17, 25)
 PREDICTIONS_MANIFEST = "_predictions.json"   # '_' prefix: Parquet dataset readers skip it
 
@@ -395,80 +399,6 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
     info["frames"] = int(out["num_frames"])
     features = {c: np.asarray(out[c], dtype=np.float32) for c in model.inputs}
     return features, info
-
-
-def windows(frames: int, seq_len: int, overlap: int) -> list[int]:
-    """Start frames of the model windows covering ``frames`` frames: every ``seq_len - overlap``,
-    the last one ending on the last frame (it may overlap its neighbour by more). A clip of at
-    most ``seq_len + 1`` frames is one window (REACT's 751: the 751st repeats the 750th)."""
-    if frames <= seq_len + 1:
-        return [0]
-    stride = seq_len - overlap
-    starts = list(range(0, frames - seq_len, stride))
-    return starts + [frames - seq_len]
-
-
-def crossfade_weights(starts: list[int], seq_len: int, overlap: int) -> np.ndarray:
-    """float [W, seq_len]: 1 inside each window, linear ramps over ``overlap`` frames where it
-    meets a neighbour, so the weighted mean of overlapping windows slides from one to the next."""
-    ramp = np.arange(1, overlap + 1, dtype=np.float64) / (overlap + 1)
-    weights = np.ones((len(starts), seq_len))
-    for w in range(len(starts)):
-        if w > 0:
-            weights[w, :overlap] = ramp
-        if w < len(starts) - 1:
-            weights[w, seq_len - overlap:] = ramp[::-1]
-    return weights
-
-
-def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, *, samples: int, seed: int,
-                       steps: int | None, decoder_dropout: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """K reactions (raw emotion [K, T, 25], tdmm [K, T, 58]) for a speaker clip of any length T.
-
-    The model reacts to windows of ``seq_len`` frames (30 s); REACT's 751-frame clips are one
-    window and the 751st frame repeats the 750th, as before. A shorter clip is looped to fill
-    one window and the reactions cut back to its length; a longer one is covered by windows
-    overlapping by a fifth of a window (6 s), window w drawn with seed ``seed + w`` and
-    neighbours cross-faded linearly over the overlap (no jump at a seam).
-    """
-    import torch
-
-    seq_len = int(generator.config.seq_len)
-    overlap = seq_len // 5
-    if frames < seq_len:
-        reps = -(-seq_len // frames)
-        feats = {k: np.concatenate([v[:frames]] * reps)[:seq_len] for k, v in features.items()}
-        r = generator.generate({k: torch.from_numpy(v) for k, v in feats.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
-        note = (f"the clip has {frames} frames, fewer than the model's {seq_len}-frame window: the speaker was "
-                f"looped {reps} times to fill it and the reactions cut back to {frames} frames")
-        return (r.emotion.float().cpu().numpy()[:, :frames], r.tdmm.float().cpu().numpy()[:, :frames], note)
-    starts = windows(frames, seq_len, overlap)
-    if len(starts) == 1:
-        r = generator.generate({k: torch.from_numpy(v) for k, v in features.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
-        return r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy(), ""
-    weights = crossfade_weights(starts, seq_len, overlap)
-    emotion = tdmm = None
-    total = np.zeros(frames)
-    for first in range(0, len(starts), WINDOWS_PER_CALL):
-        chunk = starts[first:first + WINDOWS_PER_CALL]
-        batch = {k: torch.from_numpy(np.stack([v[s:s + seq_len] for s in chunk])) for k, v in features.items()}
-        r = generator.generate(batch, num_samples=samples, steps=steps, seed=[seed + first + i for i in range(len(chunk))],
-                               decoder_dropout=decoder_dropout)
-        e, t = r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy()      # [W, K, L, D]
-        if emotion is None:
-            emotion = np.zeros((samples, frames, e.shape[-1]))
-            tdmm = np.zeros((samples, frames, t.shape[-1]))
-        for i, s in enumerate(chunk):
-            wt = weights[first + i][None, :, None]
-            emotion[:, s:s + seq_len] += wt * e[i]
-            tdmm[:, s:s + seq_len] += wt * t[i]
-            total[s:s + seq_len] += weights[first + i]
-    note = (f"{len(starts)} model windows of {seq_len} frames (starting at {starts}) overlap by at least "
-            f"{overlap} frames and are cross-faded linearly; window w is drawn with seed {seed} + w")
-    return ((emotion / total[None, :, None]).astype(np.float32), (tdmm / total[None, :, None]).astype(np.float32),
-            note)
 
 
 def speaker_video_frames(video: str, boxes: np.ndarray | None, size: int):
