@@ -14,10 +14,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _get(base: str, path: str, **query) -> dict:
+def _get(base: str, endpoint: str, **query) -> dict:
     # No proxy: the suite's dead proxies, and the server sits on 127.0.0.2 outside NO_PROXY.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    url = f"{base}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     with opener.open(url, timeout=30) as r:
         return json.loads(r.read())
 
