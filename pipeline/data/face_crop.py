@@ -223,7 +223,7 @@ def open_face_video(uri: str, fps: float, box: tuple[int, int, int, int] | None 
         boxes, report = fixed_boxes(box, video.num_frames, t.height, t.width), {"face_box": list(box)}
     else:
         every = max(1, config.detect_every)
-        sampled = ((j, rgb) for j, rgb in video.upright() if j % every == 0)
+        sampled = video.upright(every)
         try:
             boxes, report = face_boxes(sampled, video.num_frames, t.height, t.width, fps, config)
         except ValueError as exc:

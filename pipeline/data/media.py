@@ -209,31 +209,39 @@ class Recording(FaceVideo):
         self._reader = None
         self._next = 0
 
-    def upright(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(output frame index, uint8 RGB upright frame) for every output frame, in order."""
+    def upright(self, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """(output frame index, uint8 RGB upright frame) for every ``every``-th output frame, in
+        order (the others are decoded but not converted to RGB: the face search stays cheap)."""
         import av
 
         fs, path = storage.filesystem(self.uri)
         rotation = self.timeline.rotation // 90
         j, n = 0, self.num_frames
+
+        def rgb(frame) -> np.ndarray:
+            out = frame.to_ndarray(format="rgb24")
+            return np.ascontiguousarray(np.rot90(out, k=rotation)) if rotation else out
+
         with fs.open(path, "rb") as f, av.open(f) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            rgb = None
-            for s, frame in enumerate(container.decode(stream)):
-                if j < n and self.index[j] > s:
-                    continue          # dropped: no output frame shows it (a faster source)
-                rgb = frame.to_ndarray(format="rgb24")
-                if rotation:
-                    rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation))
-                while j < n and self.index[j] <= s:       # repeated for a slower source
-                    yield j, rgb
+            last = None
+            for s, last in enumerate(container.decode(stream)):
+                shown = []
+                while j < n and self.index[j] <= s:       # several for a slower source, none when dropped
+                    shown.append(j)
                     j += 1
+                shown = [k for k in shown if k % every == 0]
+                if shown:
+                    picture = rgb(last)
+                    for k in shown:
+                        yield k, picture
                 if j >= n:
                     return
-            while rgb is not None and j < n:              # fewer decodable frames than packets: hold
-                yield j, rgb
-                j += 1
+            held = rgb(last) if last is not None and j < n else None
+            for k in range(j, n):                         # fewer decodable frames than packets: hold
+                if k % every == 0:
+                    yield k, held
 
     def frames(self, start: int, stop: int) -> np.ndarray:
         if self._reader is None or start < self._next:
