@@ -44,7 +44,7 @@ def _zero(modality):
 
 
 def _fps30(clip, ctx):
-    write_mp4(clip.video, flash_frames(FRAMES), fps=30)
+    write_mp4(clip.video, flash_frames(FRAMES * 30 // 25), fps=30)   # the same 2 s at 30 fps
     return clip.video
 
 
@@ -94,7 +94,7 @@ CASES = [
     ("zero-byte wav", _zero("audio"), ("decode_audio", r"cannot read audio|no samples")),
     ("zero-byte Emotion csv", _zero("emotion"), ("labels", r"no frame rows")),
     ("zero-byte 3DMM npy", _zero("tdmm"), ("labels", r"3DMM|npy")),
-    ("mp4 at 30 fps", _fps30, ("decode_video", r"30 fps; expected 25")),
+    ("mp4 at 30 fps (resampled)", _fps30, OK),
     (f"mp4 of {FRAMES - 10} frames, labels {FRAMES}", _short_video, ("frames", rf"{FRAMES - 10}")),
     ("missing 3DMM npy", _remove_tdmm, ("labels", r"missing tdmm file")),
     ("NaN in the Emotion csv", _emotion_cell("nan"), ("labels", r"NaN or infinite")),
@@ -185,10 +185,16 @@ def test_the_other_clips_come_out_as_if_nothing_was_broken(broken):
             expected = np.asarray(alone[column]).astype(snap.features[column].dtype).astype(np.float32)
             np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4, err_msg=f"{clip.clip_id} {column}")
     # 16 kHz stereo audio is resampled to the feature set's rate and mixed down, not rejected
-    resampled = next(cid for cid, (_, _, exp) in broken["plan"].items() if exp is OK)
+    resampled = next(cid for cid, (name, _, _) in broken["plan"].items() if name.startswith("stereo"))
     assert resampled in snap.clip_ids()
     mfcc = snap.load_clips([resampled], ["audio_mfcc26"])[resampled]["audio_mfcc26"]
     assert mfcc.shape == (FRAMES, 26) and np.isfinite(mfcc).all()
+
+
+def test_a_video_at_another_frame_rate_is_resampled_with_a_warning_in_the_manifest(broken):
+    clip_id = next(cid for cid, (name, _, _) in broken["plan"].items() if name.startswith("mp4 at 30 fps"))
+    entry = broken["result"].manifest.clips[clip_id]
+    assert entry.num_frames == FRAMES and any("30 fps" in w and "25 fps" in w for w in entry.warnings), entry
 
 
 def test_frame_count_disagreement_names_the_odd_file_out(broken):
