@@ -297,6 +297,15 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     return ds
 
 
+def feature_policy(cfg: ExtractConfig) -> dict[str, Any]:
+    """The job settings that change the numbers, hashed with the feature set: a face-cropped
+    snapshot never carries clips over from an uncropped one (off adds nothing: old hashes hold)."""
+    policy: dict[str, Any] = {"fps": cfg.fps, "frames": cfg.frames}
+    if cfg.face_crop:
+        policy["face_crop"] = True
+    return policy
+
+
 def new_snapshot_id(feature_set_hash: str, out_root: str) -> str:
     now = datetime.now(timezone.utc)
     # Millisecond UTC stamps: ids sort by start time, so `latest` is right even for quick re-runs.
@@ -352,7 +361,7 @@ def _inputs(cfg: ExtractConfig) -> _Inputs:
     if cfg.limit is not None:
         clips = clips[:cfg.limit]
     features.resolve()
-    fs_hash = features.hash(fps=cfg.fps, frames=cfg.frames)
+    fs_hash = features.hash(**feature_policy(cfg))
 
     base = None
     if cfg.incremental_from:
@@ -437,7 +446,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         id=snapshot_id, created_at=datetime.fromtimestamp(started, timezone.utc).isoformat(),
         source=Source(storage.redact(dataset.root), dataset.release, splits),
         feature_set=FeatureSetRecord(features.name, fs_hash, features.source, features.raw,
-                                     features.describe(fps=cfg.fps, frames=cfg.frames), features.models()),
+                                     features.describe(**feature_policy(cfg)), features.models()),
         features={e.column: ColumnEntry(e.width, e.dtype, e.kind, e.name, e.type, e.needs_gpu)
                   for e in features.extractors},
         code=code_version(),

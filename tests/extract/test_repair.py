@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data import react
 from pipeline.data.clip import ClipPlan, clip_row, decode_clip
-from pipeline.data.extract import ExtractConfig, extract
+from pipeline.data.extract import ExtractConfig, extract, feature_policy
 from pipeline.data.features import load_feature_set
 from pipeline.data.media import ClipError
 from tests.helpers.media import flash_frames, write_mp4
@@ -90,3 +90,11 @@ def test_face_crop_for_datasets_whose_videos_are_not_face_crops(tmp_path):
                         video_format="mp4", audio=None, emotion=None, tdmm=None)
     with pytest.raises(ClipError, match="no face found"):
         decode_clip(clip_row(nobody), ClipPlan(features, face_crop=True))
+
+
+def test_face_cropping_is_part_of_the_feature_set_hash():
+    """A cropped snapshot must never carry clips over from an uncropped one (incremental runs
+    compare hashes); leaving it off keeps the hashes of existing snapshots."""
+    features = load_feature_set("demo")
+    plain, cropped = (features.hash(**feature_policy(ExtractConfig(data="d", face_crop=crop))) for crop in (False, True))
+    assert plain == features.hash(fps=25.0, frames=None) and cropped != plain
