@@ -700,7 +700,7 @@ def feature_set_from_dict(data: dict[str, Any], models: dict[str, str] | None = 
     return FeatureSet(str(data.get("name", default_name)), extractors, rate, source, data)
 
 
-def feature_set_from_manifest(manifest: Manifest, models: dict[str, str] | None = None,
+def feature_set_from_manifest(manifest: Manifest | dict[str, Any], models: dict[str, str] | None = None,
                               ) -> tuple[FeatureSet, dict[str, Any]]:
     """The feature set a snapshot was extracted with, rebuilt from its manifest, and the job's
     policy ``{fps, frames, frame_tolerance, decode_chunk}`` (the keyword arguments of
@@ -711,6 +711,8 @@ def feature_set_from_manifest(manifest: Manifest, models: dict[str, str] | None 
     model files): resolve the extractors you use, and compare their ``describe()`` with
     ``manifest.feature_set.resolved["extractors"]``.
     """
+    if isinstance(manifest, dict):          # the JSON as read; only feature_set and config are needed
+        manifest = Manifest.from_json({"id": "", **manifest})
     recorded = manifest.feature_set
     extractors = recorded.config.get("extractors", {})
     uris = {name: info.get("uri") for name, info in recorded.models.items()
