@@ -49,6 +49,7 @@ from pipeline import config as config_mod
 from pipeline.config import option
 from pipeline.errors import UserError
 from pipeline import runtime, storage
+from pipeline.data import clip as clip_features
 from pipeline.data import face_crop, media, react
 from pipeline.data.features import Extractor, FeatureSet, feature_set_from_manifest
 from pipeline.data.media import ClipError, read_audio
@@ -366,9 +367,6 @@ def extract_speaker(model: LoadedModel, speaker: SpeakerClip, feature_models: di
     snapshot — on the clip read at 25 fps by timestamps, cropped to ``face_boxes`` when given.
     ``video_info``: the result of ``speaker.check_video()`` when the caller already has it.
     """
-    from pipeline.data import clip as clip_features
-    from pipeline.data.media import ClipError
-
     frames, fps, (h, w), has_audio = video_info or speaker.check_video()
     feature_set, policy = speaker_feature_set(model, feature_models)
     info: dict[str, Any] = {"video_frames": frames, "video_fps": fps, "video_size": [w, h],
