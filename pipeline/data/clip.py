@@ -97,10 +97,18 @@ def decode_clip(row: dict[str, Any], plan: ClipPlan) -> dict[str, Any]:
     Network inputs travel to the actor stages as ``_crops`` (uint8 [T, 224, 224, 3], only when
     a facial network is in the set) and ``_audio_<rate>`` (float32 waveform).
     """
+    import torch
+
     opened: list = []
+    threads = torch.get_num_threads()
+    # One torch thread, whoever calls: a different thread count changes float summation order,
+    # and `reactdiff generate` must compute a new speaker's features bit for bit as the
+    # extraction job's one-thread tasks did (the CPU extractors are cheap; decoding dominates).
+    torch.set_num_threads(1)
     try:
         return _decode_clip(row, plan, opened)
     finally:
+        torch.set_num_threads(threads)
         for video in opened:   # one reader per task, released even when a check fails
             video.close()
 
