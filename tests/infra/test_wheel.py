@@ -47,7 +47,10 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     wheel = next((tmp / "dist").glob("reactdiff_pipeline-*.whl"))
     site = tmp / "site"
     _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], cwd=tmp)
-    env = {**os.environ, "PYTHONPATH": str(site), "REACTDIFF_HOME": str(tmp / "home")}
+    # MLflow explicitly in the test's folder: the extraction logs a run, and nothing may land in
+    # the repository (a run of the suite once left mlflow.db in the clone's root from here).
+    env = {**os.environ, "PYTHONPATH": str(site), "REACTDIFF_HOME": str(tmp / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
     return site, env
 
 
@@ -66,4 +69,5 @@ def test_wheel_runs_synth_and_demo_extraction_outside_the_repository(installed, 
     out = _run([str(reactdiff), "extract", "--data", str(data), "--out", str(snapshots), "--feature-set", "demo",
                 "--json"], cwd=tmp_path, env=env)
     assert '"published": true' in out
+    assert env["MLFLOW_TRACKING_URI"] in out     # the extraction's MLflow run went where it was told
     assert len([p for p in snapshots.iterdir() if p.is_dir()]) == 1
