@@ -101,9 +101,10 @@ def decode_clip(row: dict[str, Any], plan: ClipPlan) -> dict[str, Any]:
 
     opened: list = []
     threads = torch.get_num_threads()
-    # One torch thread, whoever calls: a different thread count changes float summation order,
-    # and `reactdiff generate` must compute a new speaker's features bit for bit as the
-    # extraction job's one-thread tasks did (the CPU extractors are cheap; decoding dominates).
+    # One torch thread, whoever calls. In the job: Ray runs one task per CPU, and torch's own
+    # thread pool on top would oversubscribe the cores. In-process (`reactdiff generate`): another
+    # thread count changes float summation order, and a new speaker's features must equal what
+    # the job computes, bit for bit (the CPU extractors are cheap; decoding dominates).
     torch.set_num_threads(1)
     try:
         return _decode_clip(row, plan, opened)

@@ -178,17 +178,8 @@ def fingerprint(row: dict[str, Any], root: str, modalities: list[str]) -> str:
     return h.hexdigest()
 
 
-def _one_thread_per_task() -> None:
-    # Ray runs one task per CPU; torch's own thread pool on top would oversubscribe the cores.
-    import torch
-
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-
-
 def prepare_clip(row: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """Stage 1 for one clip; never raises (a failure becomes status=error with stage and reason)."""
-    _one_thread_per_task()
     t0 = time.perf_counter()
     out: dict[str, Any] = {**SUMMARY_DEFAULTS, **{k: row.get(k) or "" for k in CLIP_FIELDS}}
     try:
