@@ -71,6 +71,9 @@ class ValidationSettings:
 class DataSettings:
     prefetch_batches: int = option(2, "batches each worker prefetches")
     shuffle_buffer: int = option(16, "rows in the local shuffle buffer of each worker (0 = off)")
+    cache_mb: int = option(512, "keep each worker's train shard in memory after the first epoch when every "
+                                "worker's fits in this many MB; later epochs reshuffle it locally (0 = stream "
+                                "every epoch)")
     encode_batch_size: int = option(8, "stage 2: items per latent-encoding batch")
     encode_actors: int = option(0, "stage 2: latent-encoding actors (0 = scaling.num_workers)")
 

@@ -71,13 +71,65 @@ def _maybe_inject_failure(cfg: TrainConfig, run_dir: str, epoch: int, rank: int,
     raise RuntimeError(f"injected failure (debug.fail_at_epoch={epoch}) on rank {rank}")
 
 
-def _train_epoch(model, gen, optimizer, ema, params, shard, plan: WorkerPlan, world: int, device, bf16: bool):
+class _TrainBatches:
+    """One worker's train batches, epoch by epoch: streamed from its Ray Data shard, or from memory.
+
+    Streaming restarts the shard's pipeline every epoch, about 1 s of start-up before the first
+    batch however small the shard (a fifth of a demo epoch). So the first epoch also keeps what
+    it reads, and when every worker's shard fits in ``data.cache_mb`` (tensors where they
+    arrived: GPU memory on GPU) the later epochs read memory. The decision is collective
+    (all-reduce MAX), because a worker that stopped consuming its ``streaming_split`` would stall
+    the others. A cached worker keeps its first-epoch rows (no new split across workers) and
+    draws a new order every epoch from (seed, epoch, rank); the tail that ``drop_last`` leaves
+    out of one epoch takes part in the next. A larger shard streams, every epoch, as before.
+    """
+
+    def __init__(self, shard, plan: WorkerPlan, rank: int, device):
+        self.shard, self.plan, self.rank, self.device = shard, plan, rank, device
+        self.budget = plan.config.data.cache_mb * 2 ** 20
+        self.rows: dict[str, Any] | None = None
+
+    def epoch(self, epoch: int):
+        if self.rows is not None:
+            yield from self._from_memory(epoch)
+            return
+        data, size = self.plan.config.data, self.plan.batch_size
+        kept: list[dict] = []
+        nbytes = 0
+        for batch in self.shard.iter_torch_batches(batch_size=size, drop_last=not self.budget,
+                                                   prefetch_batches=data.prefetch_batches,
+                                                   local_shuffle_buffer_size=data.shuffle_buffer or None):
+            if self.budget:
+                nbytes += sum(v.element_size() * v.nelement() for v in batch.values())
+                if nbytes <= self.budget:
+                    kept.append(batch)
+            if next(iter(batch.values())).shape[0] == size:     # drop_last, decided per batch
+                yield batch
+        if self.budget:
+            largest = _all_reduce({"bytes": float(nbytes)}, self.device, op="max")["bytes"]
+            if 0 < largest <= self.budget:
+                import torch
+                self.rows = {k: torch.cat([b[k] for b in kept]) for k in kept[0]} if kept else {}
+            self.budget = 0                 # decided once: cache from now on, or always stream
+
+    def _from_memory(self, epoch: int):
+        import torch
+
+        if not self.rows:
+            return
+        n = next(iter(self.rows.values())).shape[0]
+        order = torch.from_numpy(np.random.default_rng((self.plan.config.seed, epoch, self.rank)).permutation(n))
+        size = self.plan.batch_size
+        for i in range(0, n - size + 1, size):
+            index = order[i:i + size]
+            yield {k: v[index.to(v.device)] for k, v in self.rows.items()}
+
+
+def _train_epoch(model, gen, optimizer, ema, params, batches, plan: WorkerPlan, world: int, device, bf16: bool):
     import torch
 
-    data, grad_clip = plan.config.data, plan.settings.grad_clip
-    it = iter(shard.iter_torch_batches(batch_size=plan.batch_size, drop_last=True,
-                                       prefetch_batches=data.prefetch_batches,
-                                       local_shuffle_buffer_size=data.shuffle_buffer or None))
+    grad_clip = plan.settings.grad_clip
+    it = iter(batches)
     gen.train()
     sums: dict[str, Any] = {}
     items = steps = 0
@@ -286,7 +338,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         logger.log_history(history)       # epochs checkpointed before a crash but not yet in MLflow
     extras = _RankZeroValidation(plan, device) if rank == 0 else None
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_batches = _TrainBatches(ray.train.get_dataset_shard("train"), plan, rank, device)
     val_shard = ray.train.get_dataset_shard("val")
     stats_shard = ray.train.get_dataset_shard("stats") if stage == "autoencoder" else None
     epochs = settings.epochs
@@ -294,7 +346,8 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         _maybe_inject_failure(cfg, plan.run_dir, epoch, rank, world)
         t_epoch = time.perf_counter()
         row: dict[str, float] = {tracking.EPOCH_METRIC: epoch}
-        row.update(_train_epoch(model, gen, optimizer, ema, params, train_shard, plan, world, device, bf16))
+        row.update(_train_epoch(model, gen, optimizer, ema, params, train_batches.epoch(epoch), plan, world,
+                                device, bf16))
         step += int(row["train/steps"])
         is_checkpoint = epoch % cfg.checkpoint.every == 0 or epoch == epochs
         figure = None

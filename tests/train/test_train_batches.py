@@ -1,0 +1,54 @@
+"""The worker's train batches: a small shard is read once and then served from memory.
+
+Real Ray Data datasets stand in for a worker's ``streaming_split`` shard (the same
+``iter_torch_batches`` API); one process, so the collective size decision is the local one.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.train.config import DataSettings
+from pipeline.train.loop import _TrainBatches
+
+
+def _batches(ray_local, rows: int, width: int, cache_mb: int, batch_size: int = 4):
+    import ray.data
+    import torch
+
+    values = np.repeat(np.arange(rows, dtype=np.float32)[:, None], width, axis=1)
+    ds = ray.data.from_items([{"x": v} for v in values])
+    plan = SimpleNamespace(batch_size=batch_size,
+                           config=SimpleNamespace(seed=3, data=DataSettings(cache_mb=cache_mb, shuffle_buffer=0)))
+    return _TrainBatches(ds, plan, rank=0, device=torch.device("cpu"))
+
+
+def _ids(epoch) -> list[list[int]]:
+    return [b["x"][:, 0].long().tolist() for b in epoch]
+
+
+def test_small_shard_is_cached_after_the_first_epoch_and_reshuffled(ray_local):
+    source = _batches(ray_local, rows=10, width=3, cache_mb=1)
+    first = _ids(source.epoch(1))
+    assert [len(b) for b in first] == [4, 4]               # drop_last: the 2-row tail waits
+    assert source.rows is not None and source.rows["x"].shape == (10, 3)
+    epochs = [_ids(source.epoch(e)) for e in range(2, 8)]
+    assert all([len(b) for b in e] == [4, 4] for e in epochs)
+    assert len({tuple(sum(e, [])) for e in epochs}) == len(epochs)      # a new order every epoch
+    seen = {i for e in epochs for b in e for i in b}
+    assert seen == set(range(10))                          # the tail of one epoch joins another
+    again = _batches(ray_local, rows=10, width=3, cache_mb=1)
+    list(again.epoch(1))
+    assert _ids(again.epoch(2)) == epochs[0]               # the order is (seed, epoch, rank)'s
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_shard_larger_than_the_budget_streams_every_epoch(ray_local, cache_mb):
+    width = 65_536                                         # 10 rows × 256 KiB = 2.5 MiB > 1 MiB
+    source = _batches(ray_local, rows=10, width=width, cache_mb=cache_mb)
+    for epoch in (1, 2, 3):
+        assert sorted(len(b) for b in _ids(source.epoch(epoch))) == [4, 4]
+        assert source.rows is None
