@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -c 'import reactdiff.dtw as d; d.compile_kernels()'   # numba's cache, once
 	touch $(STAMP)
 
 clean:

@@ -342,6 +342,18 @@ def closest_pairs(
     return out
 
 
+def compile_kernels() -> None:
+    """Compile (or load from numba's on-disk cache) both CPU kernels once, on tiny inputs.
+
+    The specialisations do not depend on sizes, so this is what every later process loads from
+    ``__pycache__`` instead of compiling again; ``make venv`` runs it at install time (a first
+    evaluation otherwise spends ~20 s per kernel and process compiling, in every Ray task).
+    """
+    x = np.zeros((2, 4, 25), dtype=np.float32)
+    dtw_pairs(x, x, [0], [1])
+    closest_pairs(x, x, [0], [0, 1], [0, 2])
+
+
 def dtw_torch(
     x: torch.Tensor, y: torch.Tensor, groups: Sequence[tuple[int, int]] | None = REACT_GROUPS
 ) -> torch.Tensor:
