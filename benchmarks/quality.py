@@ -69,6 +69,7 @@ VARIANTS: dict[str, Variant] = {
     "reference": Variant(preset="small"),                  # the paper's design at CPU size
     "temporal": Variant(preset="small-temporal"),          # the improved variant (the demo's)
     "reconstruction": Variant(probe="reconstruct"),        # stage 1 alone: the ceiling of any stage 2
+    "temporal-reconstruction": Variant(preset="small-temporal", probe="reconstruct"),   # its MSE stage 1
     "temporal-shuffled": Variant(preset="small-temporal", probe="shuffled"),
     "reference-shuffled": Variant(probe="shuffled"),
     "temporal-attributes": Variant(preset="small-temporal", probe="attributes"),
@@ -76,7 +77,8 @@ VARIANTS: dict[str, Variant] = {
     "reference-x0": Variant(overrides={"diffusion": {"prediction": "x0"}}),
     "temporal-3x": Variant(preset="small-temporal", stage1_steps=3 * 480, stage2_steps=3 * 400),
 }
-DEFAULT = ["reference", "temporal", "reconstruction", "temporal-shuffled", "temporal-attributes", "temporal-eps"]
+DEFAULT = ["reference", "temporal", "reconstruction", "temporal-reconstruction", "temporal-shuffled",
+           "temporal-attributes", "temporal-eps"]
 QUICK = ["reference", "temporal", "reconstruction", "temporal-shuffled"]
 
 

@@ -382,7 +382,7 @@ class ReactDiffGenerator(nn.Module):
 
     def autoencoder_loss(self, features: dict[str, Tensor], emotion: Tensor,
                          tdmm: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """10 · L1(emotion) + 10 · MSE(3DMM − mean_face) (+ KL); targets are the person's own labels.
+        """10 · L1 (or MSE) of emotion + 10 · MSE(3DMM − mean_face) (+ KL); targets: the person's own labels.
 
         Inputs are cropped to the first seq_len frames like everywhere else; ``tdmm`` is absolute.
         """

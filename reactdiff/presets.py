@@ -7,7 +7,7 @@
 ``small``  a CPU-sized model for the demo and tests: raw 32×32 face pixels + MFCC, hidden 128,
            fd 32, UNet widths 32/64/128. Trains in minutes on 2 cores on ~16–32 clips of 750 frames.
 ``paper-temporal``, ``small-temporal``
-           the improved variant at both sizes (docs/model.md): the same stage 1 and the
+           the improved variant at both sizes (docs/model.md): stage 1 with an MSE emotion loss and the
            ``temporal`` stage 2 — a dilated temporal denoiser over the whole clip, conditioned
            frame by frame on the speaker, predicting x₀, with latent statistics shared over time
            (any clip length). The demo trains ``small-temporal``.
@@ -74,6 +74,7 @@ def _temporal_variant(base: GeneratorConfig, *, channels: int, cond_channels: in
     """``base`` with the improved stage 2; see docs/model.md."""
     return base.with_overrides(
         architecture="temporal",
+        mmt={"emotion_loss": "mse"},      # the reconstruction CCC doubles (mmt.py module doc)
         diffusion={"prediction": "x0"},
         temporal={"channels": channels, "cond_channels": cond_channels},
         **overrides)

@@ -299,7 +299,8 @@ def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: 
         datasets = {"train": _shuffled(clip_dataset(snapshot, "train", inputs + list(LABELS), seq_len), cfg.seed),
                     "val": clip_dataset(snapshot, "val", inputs + list(LABELS), seq_len),
                     "stats": clip_dataset(snapshot, "train", inputs, seq_len)}
-        keys = ["loss", "emotion_l1", "tdmm_mse"] + (["kl"] if gen_config.mmt.variational else [])
+        mmt = gen_config.mmt
+        keys = ["loss", f"emotion_{mmt.emotion_loss}", "tdmm_mse"] + (["kl"] if mmt.variational else [])
         return datasets, len(snapshot.clip_ids("train")), keys
     pairs, n_train = {}, 0
     for split in ("train", "val"):

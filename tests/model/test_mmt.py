@@ -117,3 +117,18 @@ def test_loss_is_ten_l1_plus_ten_mse(make_features):
     mse = ((out.tdmm - tdmm) ** 2).mean()
     assert loss.item() == pytest.approx((10 * l1 + 10 * mse).item(), rel=1e-5)
     assert set(parts) == {"emotion_l1", "tdmm_mse"}
+
+
+def test_mse_emotion_loss_of_the_improved_variant(make_features):
+    model = tiny_mmt(emotion_loss="mse").eval()
+    out = model(make_features({**FACIAL, **ACOUSTIC}, 2, 8))
+    emo, tdmm = torch.rand(2, 8, 25), torch.randn(2, 8, 58)
+    loss, parts = model.loss(out, emo, tdmm)
+    expected = 10 * ((out.emotion - emo) ** 2).mean() + 10 * ((out.tdmm - tdmm) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(parts) == {"emotion_mse", "tdmm_mse"}
+    from reactdiff import preset_config
+    assert preset_config("small-temporal").mmt.emotion_loss == "mse" == preset_config("paper-temporal").mmt.emotion_loss
+    assert preset_config("small").mmt.emotion_loss == "l1" == preset_config("paper").mmt.emotion_loss
+    with pytest.raises(ValueError, match="emotion_loss"):
+        tiny_mmt(emotion_loss="huber")
