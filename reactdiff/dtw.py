@@ -283,7 +283,16 @@ def _checked(x, y, x_index, y_index):
     if (x_index.size and (x_index.min() < 0 or x_index.max() >= x.shape[0])) or \
             (y_index.size and (y_index.min() < 0 or y_index.max() >= y.shape[0])):
         raise IndexError("pair index out of range")
-    return x, y, x_index, y_index
+    return _read_only(x), _read_only(y), _read_only(x_index), _read_only(y_index)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles read-only and writable arrays as different types, and
+    arrays from Parquet/Arrow arrive read-only, others not; one type = one cached specialisation
+    per kernel (the kernels never write their inputs). The caller's array is not touched."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def dtw_pairs(
@@ -329,7 +338,7 @@ def closest_pairs(
     numba threads. Returns float64 [C].
     """
     x, y, x_index, y_index = _checked(x, y, x_index, y_index)
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    starts = _read_only(np.ascontiguousarray(starts, dtype=np.int64))
     if starts.ndim != 1 or starts.size != x_index.size + 1 or starts[0] != 0 or starts[-1] != y_index.size \
             or (np.diff(starts) < 1).any():
         raise ValueError("starts must rise from 0 to len(y_index), one non-empty group per x_index entry")
