@@ -71,7 +71,7 @@ SMALL = GeneratorConfig(
 )
 
 def _temporal_variant(base: GeneratorConfig, *, channels: int, cond_channels: int, **overrides: Any) -> GeneratorConfig:
-    """``base`` with the improved stage 2; see docs/model.md."""
+    """``base`` with the improved stage-1 loss and stage 2; see docs/model.md."""
     return base.with_overrides(
         architecture="temporal",
         mmt={"emotion_loss": "mse"},      # the reconstruction CCC doubles (mmt.py module doc)
