@@ -75,6 +75,11 @@ class MMTConfig:
     emotion_loss: str = "l1"         # the reference's L1; "mse" for the improved variant (module doc)
     tdmm_weight: float = 10.0
 
+    @property
+    def loss_parts(self) -> list[str]:
+        """The names ``MMTAutoencoder.loss`` reports its parts under (and training validates)."""
+        return [f"emotion_{self.emotion_loss}", "tdmm_mse"] + (["kl"] if self.variational else [])
+
     def __post_init__(self) -> None:
         self.facial = {str(k): int(v) for k, v in self.facial.items()}
         self.acoustic = {str(k): int(v) for k, v in self.acoustic.items()}
@@ -292,16 +297,16 @@ class MMTAutoencoder(nn.Module):
         """10 · L1(emotion) (or MSE) + 10 · MSE(3DMM) (+ kl_weight · KL when variational), plain means.
 
         KL(N(μ, σ²) ‖ N(0, I)) is summed over the latent dims and averaged over batch and frames.
-        The emotion part is reported as ``emotion_l1`` or ``emotion_mse``.
+        Parts are named by ``MMTConfig.loss_parts`` (``emotion_l1`` or ``emotion_mse``, ...).
         """
         c = self.config
         fn = F.l1_loss if c.emotion_loss == "l1" else F.mse_loss
         emotion_term = fn(out.emotion, emotion)
         tdmm_mse = F.mse_loss(out.tdmm, tdmm_centered)
         loss = c.emotion_weight * emotion_term + c.tdmm_weight * tdmm_mse
-        parts = {f"emotion_{c.emotion_loss}": emotion_term.detach(), "tdmm_mse": tdmm_mse.detach()}
+        values = [emotion_term, tdmm_mse]
         if out.logvar is not None:
             kl = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp())).sum(-1).mean()
             loss = loss + c.kl_weight * kl
-            parts["kl"] = kl.detach()
-        return loss, parts
+            values.append(kl)
+        return loss, {name: v.detach() for name, v in zip(c.loss_parts, values)}

@@ -299,8 +299,7 @@ def _datasets(cfg: TrainConfig, snapshot, gen_config, autoencoder_uri, run_dir: 
         datasets = {"train": _shuffled(clip_dataset(snapshot, "train", inputs + list(LABELS), seq_len), cfg.seed),
                     "val": clip_dataset(snapshot, "val", inputs + list(LABELS), seq_len),
                     "stats": clip_dataset(snapshot, "train", inputs, seq_len)}
-        mmt = gen_config.mmt
-        keys = ["loss", f"emotion_{mmt.emotion_loss}", "tdmm_mse"] + (["kl"] if mmt.variational else [])
+        keys = ["loss", *gen_config.mmt.loss_parts]
         return datasets, len(snapshot.clip_ids("train")), keys
     pairs, n_train = {}, 0
     for split in ("train", "val"):

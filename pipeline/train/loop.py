@@ -103,6 +103,8 @@ class _TrainBatches:
                 nbytes += sum(v.element_size() * v.nelement() for v in batch.values())
                 if nbytes <= self.budget:
                     kept.append(batch)
+                else:
+                    kept = []               # it will not be cached: hold no memory for it
             if next(iter(batch.values())).shape[0] == size:     # drop_last, decided per batch
                 yield batch
         if self.budget:
