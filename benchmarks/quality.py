@@ -15,7 +15,8 @@ small size (``reference``, preset ``small``), the improved variant (``temporal``
 item conditioned on the speaker of a non-appropriate item: does the speaker change the output at
 all?), ``temporal-attributes`` (stage 2 conditioned on the speaker's real 25 attributes instead of
 the latent of their video and audio: is speaker perception the limit?), ``temporal-eps`` /
-``reference-x0`` (the prediction target) and ``temporal-3x`` (three times the optimiser steps).
+``reference-x0`` (the prediction target), ``temporal-3x`` (three times the optimiser steps) and
+``temporal-no-positions`` (stage 1 without its sinusoidal positions).
 
     python -m benchmarks.quality [--quick] [--data DIR] [--seeds 0 1] [--only temporal reference]
 
@@ -76,9 +77,11 @@ VARIANTS: dict[str, Variant] = {
     "temporal-eps": Variant(preset="small-temporal", overrides={"diffusion": {"prediction": "epsilon"}}),
     "reference-x0": Variant(overrides={"diffusion": {"prediction": "x0"}}),
     "temporal-3x": Variant(preset="small-temporal", stage1_steps=3 * 480, stage2_steps=3 * 400),
+    # stage 1 without positions (the variant before cause 7 of docs/model.md)
+    "temporal-no-positions": Variant(preset="small-temporal", overrides={"mmt": {"positional_encoding": False}}),
 }
 DEFAULT = ["reference", "temporal", "reconstruction", "temporal-reconstruction", "temporal-shuffled",
-           "temporal-attributes", "temporal-eps"]
+           "temporal-attributes", "temporal-eps", "temporal-no-positions"]
 QUICK = ["reference", "temporal", "reconstruction", "temporal-shuffled"]
 
 

@@ -11,9 +11,11 @@ real S3 and a real MLflow server, from the driver and from every Ray worker. Imp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,3 +199,13 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def remote_args_of_map_batches():
+    """Ray 2.60 warns that ``map_batches(**ray_remote_args)`` goes away in 2.64, yet it is the
+    only way to cap a task's retries or an actor's restarts; pyproject pins ray < 2.64 for it.
+    Nothing for the user to act on, so that one warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield

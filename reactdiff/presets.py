@@ -10,7 +10,8 @@
            the improved variant at both sizes (docs/model.md): stage 1 with an MSE emotion loss and the
            ``temporal`` stage 2 — a dilated temporal denoiser over the whole clip, conditioned
            frame by frame on the speaker, predicting x₀, with latent statistics shared over time
-           (any clip length). The demo trains ``small-temporal``.
+           (any clip length); ``small-temporal``'s stage 1 also adds sinusoidal positions. The demo
+           trains ``small-temporal``.
 
 Use ``reactdiff.build_generator(name, **overrides)``; ``preset_config`` returns just the config.
 """
@@ -70,11 +71,12 @@ SMALL = GeneratorConfig(
     stage2=TrainSettings(lr=5e-4, weight_decay=5e-4, betas=(0.9, 0.999), ema_decay=0.99, epochs=30, batch_size=8),
 )
 
-def _temporal_variant(base: GeneratorConfig, *, channels: int, cond_channels: int, **overrides: Any) -> GeneratorConfig:
+def _temporal_variant(base: GeneratorConfig, *, channels: int, cond_channels: int,
+                      mmt: dict[str, Any] | None = None, **overrides: Any) -> GeneratorConfig:
     """``base`` with the improved stage-1 loss and stage 2; see docs/model.md."""
     return base.with_overrides(
         architecture="temporal",
-        mmt={"emotion_loss": "mse"},      # the reconstruction CCC doubles (mmt.py module doc)
+        mmt={"emotion_loss": "mse", **(mmt or {})},      # MSE: the reconstruction CCC doubles (mmt.py)
         diffusion={"prediction": "x0"},
         temporal={"channels": channels, "cond_channels": cond_channels},
         **overrides)
@@ -84,7 +86,10 @@ PRESETS: dict[str, GeneratorConfig] = {
     "paper": PAPER,
     "small": SMALL,
     "paper-temporal": _temporal_variant(PAPER, channels=512, cond_channels=256),
-    "small-temporal": _temporal_variant(SMALL, channels=128, cond_channels=64),
+    # Sinusoidal positions in stage 1 (cause 7 of docs/model.md): the MMT attends over all
+    # frames, and without positions it cannot tell a frame's neighbours from the rest of the clip.
+    "small-temporal": _temporal_variant(SMALL, channels=128, cond_channels=64,
+                                        mmt={"positional_encoding": True}),
 }
 
 

@@ -32,14 +32,12 @@ which ``reactdiff generate`` runs on a new speaker clip too.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -243,16 +241,6 @@ def _prepare_and_write_batch(batch, plan: Plan):
 # The job
 
 
-@contextlib.contextmanager
-def _retry_caps_through_remote_args():
-    """Ray 2.60 warns that ``map_batches(**ray_remote_args)`` goes away in 2.64, yet it is the
-    only way to cap a task's retries; pyproject pins ray < 2.64 for it. Nothing for the user to
-    act on, so that one warning is not shown."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        yield
-
-
 def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     """The Ray Dataset of summary rows: manifest rows -> prepare -> networks -> write."""
     import ray
@@ -263,7 +251,7 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
     stages = network_stages(plan.clip.features)
     task_args = dict(batch_size=1, num_cpus=1, max_retries=TASK_RETRIES, fn_kwargs={"plan": plan})
     if not stages:
-        with _retry_caps_through_remote_args():
+        with runtime.remote_args_of_map_batches():
             ds = ds.map_batches(_prepare_and_write_batch, **task_args)
     else:
         ds = ds.map_batches(_prepare_batch, **task_args)
@@ -280,7 +268,7 @@ def build_pipeline(rows: list[dict[str, Any]], plan: Plan, cfg: ExtractConfig):
                                 num_cpus=cfg.cpus_per_actor, num_gpus=gpu_share or None,
                                 # a dead actor is restarted, but its clip is not retried forever
                                 max_task_retries=TASK_RETRIES)
-        with _retry_caps_through_remote_args():
+        with runtime.remote_args_of_map_batches():
             ds = ds.map_batches(_write_batch, **task_args)
     # Every per-clip error is caught in the UDFs; should Ray still drop a block (an error outside
     # them), the job goes on and the driver quarantines the clip that has no summary row.

@@ -236,7 +236,8 @@ def create_run(*, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = N
     run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
     if params:
         log_params(run.info.run_id, params, uri)
-    log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_id, run_name, experiment,
+    # debug: every command's summary names its MLflow run already
+    log.debug("MLflow run %s (%s) in experiment %r at %s", run.info.run_id, run_name, experiment,
              tracking_uri(uri))
     return run.info.run_id
 

@@ -361,7 +361,7 @@ def _fit(cfg: TrainConfig, plan: WorkerPlan, datasets: dict, storage_path: str, 
         result = trainer.fit()
     if result.error:
         raise TrainError(f"training {cfg.name} failed: {result.error}")
-    log.info("trainer.fit of %s took %.1fs", cfg.name, time.perf_counter() - t0)
+    log.debug("trainer.fit of %s took %.1fs", cfg.name, time.perf_counter() - t0)   # time/* metrics have it
 
 
 @dataclass(frozen=True)

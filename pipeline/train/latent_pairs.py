@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import runtime, storage
 from pipeline.data.snapshot import Snapshot
 from pipeline.registry.models import load_generator_file
 from pipeline.train.config import TrainError
@@ -83,10 +83,17 @@ def prepare_latent_pairs(snapshot, split: str, autoencoder_uri: str, out_uri: st
                   key=lambda r: (min(r["speaker"], r["listener"]), max(r["speaker"], r["listener"]), r["item"]))
     t0 = time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / (2 * batch_size))))
-    ds = ds.map_batches(LatentPairEncoder, fn_constructor_args=(snapshot.uri, autoencoder_uri, batch_size),
-                        batch_size=2 * batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-                        num_gpus=1 if use_gpu else 0)
+    with runtime.remote_args_of_map_batches():
+        ds = ds.map_batches(LatentPairEncoder, fn_constructor_args=(snapshot.uri, autoencoder_uri, batch_size),
+                            batch_size=2 * batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+                            num_gpus=1 if use_gpu else 0,
+                            # Ray Data hands its actors their UDF as an object-store reference,
+                            # and Ray cannot promise to restart such an actor (ray-project/ray
+                            # #53727; it logs an error for every actor it starts). This step is
+                            # idempotent — the marker is written last, an incomplete folder is
+                            # redone — so a lost actor fails it plainly and a rerun repeats it.
+                            max_restarts=0)
     fs, path = storage.arrow_filesystem(out_uri)
     storage.makedirs(out_uri)
     ds.write_parquet(path, filesystem=fs)

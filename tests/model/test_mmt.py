@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reactdiff import preset_config
 from reactdiff.mmt import MMTAutoencoder, MMTConfig
 
 
@@ -62,6 +63,9 @@ def test_positional_encoding_breaks_equivariance(make_features):
         z = model.encode(feats)
         z_p = model.encode({n: x[:, perm] for n, x in feats.items()})
     assert not torch.allclose(z_p, z[:, perm], atol=1e-3)
+    # the demo's improved variant uses positions (docs/model.md, cause 7); the paper presets do not
+    assert preset_config("small-temporal").mmt.positional_encoding is True
+    assert not any(preset_config(n).mmt.positional_encoding for n in ("paper", "small", "paper-temporal"))
 
 
 def test_clip_centering_ignores_each_clips_constant_offset_and_keeps_its_dynamics(make_features):
@@ -127,7 +131,6 @@ def test_mse_emotion_loss_of_the_improved_variant(make_features):
     expected = 10 * ((out.emotion - emo) ** 2).mean() + 10 * ((out.tdmm - tdmm) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(parts) == {"emotion_mse", "tdmm_mse"}
-    from reactdiff import preset_config
     assert preset_config("small-temporal").mmt.emotion_loss == "mse" == preset_config("paper-temporal").mmt.emotion_loss
     assert preset_config("small").mmt.emotion_loss == "l1" == preset_config("paper").mmt.emotion_loss
     with pytest.raises(ValueError, match="emotion_loss"):
