@@ -238,7 +238,7 @@ def create_run(*, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = N
         log_params(run.info.run_id, params, uri)
     # debug: every command's summary names its MLflow run already
     log.debug("MLflow run %s (%s) in experiment %r at %s", run.info.run_id, run_name, experiment,
-             tracking_uri(uri))
+              tracking_uri(uri))
     return run.info.run_id
 
 
