@@ -209,3 +209,15 @@ def remote_args_of_map_batches():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         yield
+
+
+def map_batches_without_restarts(ds, udf, **kwargs):
+    """``ds.map_batches(udf, compute=ActorPoolStrategy(...), ...)`` for a step that a rerun repeats
+    whole (latent-pair encoding, generating evaluation reactions): its actors are not restarted.
+
+    Ray Data hands its actors their UDF as an object-store reference, and Ray cannot promise to
+    restart such an actor (ray-project/ray#53727; it logs an error for every actor it starts).
+    For these steps a lost actor then fails the step plainly, and running it again repeats it.
+    """
+    with remote_args_of_map_batches():
+        return ds.map_batches(udf, max_restarts=0, **kwargs)

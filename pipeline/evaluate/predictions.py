@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from pipeline import progress, storage
+from pipeline import progress, runtime, storage
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.protocol import EMOTION_DIM, FRAMES, item_seed, model_features
 from pipeline.registry.models import load_generator
@@ -234,8 +234,9 @@ def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: Snapsho
     model = generator if isinstance(generator, str) else ray.put(generator.to_bytes())
     rows = [{"item": int(i.index), "speaker": i.speaker} for i in items]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
-    return ds.map_batches(
-        ReactionGenerator,
+    # Nothing is kept from a partial run, so a lost actor fails the evaluation and a rerun repeats it.
+    return runtime.map_batches_without_restarts(
+        ds, ReactionGenerator,
         fn_constructor_kwargs=dict(generator=model, snapshot_uri=snapshot.uri, samples=samples,
                                    steps=steps, seed=seed, frames=frames, threads=int(cpus),
                                    decoder_dropout=decoder_dropout),

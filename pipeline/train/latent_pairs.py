@@ -83,17 +83,11 @@ def prepare_latent_pairs(snapshot, split: str, autoencoder_uri: str, out_uri: st
                   key=lambda r: (min(r["speaker"], r["listener"]), max(r["speaker"], r["listener"]), r["item"]))
     t0 = time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / (2 * batch_size))))
-    with runtime.remote_args_of_map_batches():
-        ds = ds.map_batches(LatentPairEncoder, fn_constructor_args=(snapshot.uri, autoencoder_uri, batch_size),
-                            batch_size=2 * batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
-                            num_gpus=1 if use_gpu else 0,
-                            # Ray Data hands its actors their UDF as an object-store reference,
-                            # and Ray cannot promise to restart such an actor (ray-project/ray
-                            # #53727; it logs an error for every actor it starts). This step is
-                            # idempotent — the marker is written last, an incomplete folder is
-                            # redone — so a lost actor fails it plainly and a rerun repeats it.
-                            max_restarts=0)
+    # Idempotent (the marker is written last, an incomplete folder is redone): no actor restarts.
+    ds = runtime.map_batches_without_restarts(
+        ds, LatentPairEncoder, fn_constructor_args=(snapshot.uri, autoencoder_uri, batch_size),
+        batch_size=2 * batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)), num_gpus=1 if use_gpu else 0)
     fs, path = storage.arrow_filesystem(out_uri)
     storage.makedirs(out_uri)
     ds.write_parquet(path, filesystem=fs)
