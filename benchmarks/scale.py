@@ -3,7 +3,7 @@ stage-1 training input at the paper feature set's widths.
 
     python -m benchmarks.scale [--quick]     # = python -m benchmarks.run --only scale [--quick]
 
-* ``extraction``: N person clips (full: 16, 64, 256 clips of 100 frames = 4 s each; the per-clip
+* ``extraction``: N person clips (full: 16, 64, 256 clips of 50 frames = 2 s each; the per-clip
   work is per frame, so short clips keep 256 of them affordable on 2 cores) through the real
   extraction job (``pipeline.data.extract.extract``, demo feature set, ``limit=N`` on one
   synthetic dataset); time per clip and peak worker RSS against N. Ratios are largest N over
@@ -17,9 +17,10 @@ stage-1 training input at the paper feature set's widths.
 * ``training``: snapshot clip files with the paper widths (AU 25 088, VA 64, FE 1 408 float16,
   wav2vec2 1 536, MFCC 26, labels; ReLU(normal) values, about as compressible as the real
   features) written by the snapshot writer to local disk and to S3 (moto on loopback), read by the
-  stage-1 data path (``Snapshot.clips_dataset``'s per-file reader and the trainer's frame crop)
-  into ``iter_torch_batches`` feeding a stand-in model that takes ``STEP_S`` per batch of 4 clips
-  (see below). Reported: data-wait fraction and bytes read per epoch.
+  stage-1 data path (``Snapshot.clips_dataset``'s per-file reader, the trainer's frame crop and
+  its batch source ``_TrainBatches``) feeding a stand-in model that takes ``STEP_S`` per batch of
+  4 clips (see below). Reported: data-wait fraction and bytes read per epoch, streaming every
+  epoch (``cache_mb`` 0) and as the trainer runs by default (later epochs from memory).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ BATCH_PER_GPU = 4
 STEP_S = 6 * STAGE1_PARAMS * BATCH_PER_GPU * 750 / 50e12
 REACT_VAL_ITEMS = 1124
 REACT_TRAIN_CLIPS = 3186
-SHARED_MACHINE = "2 cores shared with other agents' jobs: absolute times are load-dependent; ratios within one run count"
+LOAD_NOTE = "absolute times depend on the host's load (load_average_*); ratios within one run count"
 
 
 def _rss_mb() -> float:
@@ -98,18 +99,11 @@ def react_sized_inputs(n_items: int, seed: int = 0):
 
 
 def _score_fn(distributed: bool):
-    """The evaluation job's metric path: ``score`` with FRDist rows over Ray tasks (pipeline/evaluate
-    is being restructured: the split modules if present, else the one job module)."""
-    try:
-        from pipeline.evaluate.protocol import score
-        from pipeline.evaluate.scoring import frdist_distributed
-    except ImportError:
-        from pipeline.evaluate.job import frdist_distributed, score
-    else:
-        if distributed:
-            return lambda *args: score(*args, frdist=frdist_distributed)
-        return score
-    return lambda *args: score(*args, distributed=distributed)
+    """The evaluation job's metric path: ``score``, with FRDist rows over Ray tasks when Ray runs."""
+    from pipeline.evaluate.protocol import score
+    from pipeline.evaluate.scoring import frdist_distributed
+
+    return (lambda *args: score(*args, frdist=frdist_distributed)) if distributed else score
 
 
 def evaluation(n_items: int, subset_rows: int) -> dict:
@@ -195,22 +189,33 @@ def _paper_clip_rows(n: int, frames: int, seed: int = 0):
         yield paper, row
 
 
-def _feed(root: str, files: list[str], columns: list[str], epochs: int, frames: int) -> dict:
+def _feed(root: str, files: list[str], columns: list[str], epochs: int, frames: int, cache_mb: int) -> dict:
+    """Epochs of the stage-1 input into the stand-in step, through the trainer's own batch source
+    (``_TrainBatches``: the first epoch streams; later ones read memory when the shard fits
+    ``cache_mb``, as in training)."""
+    from types import SimpleNamespace
+
     import ray.data
+    import torch
 
     from pipeline.data.snapshot import _read_clip_files
+    from pipeline.train.config import DataSettings
     from pipeline.train.job import _CropFrames
+    from pipeline.train.loop import _TrainBatches
 
-    epochs_out = []
-    for _ in range(epochs):
-        ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-        ds = ds.map_batches(_read_clip_files, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"root": root, "columns": ["clip_id", "split", "num_frames"] + columns,
-                                       "tensors": tuple(columns), "dtype": None})
-        ds = ds.map_batches(_CropFrames(columns, frames), batch_format="numpy")
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_clip_files, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"root": root, "columns": ["clip_id", "split", "num_frames"] + columns,
+                                   "tensors": tuple(columns), "dtype": None})
+    ds = ds.map_batches(_CropFrames(columns, frames), batch_format="numpy")
+    plan = SimpleNamespace(batch_size=BATCH_PER_GPU, config=SimpleNamespace(
+        seed=0, data=DataSettings(prefetch_batches=2, shuffle_buffer=0, cache_mb=cache_mb)))
+    source = _TrainBatches(ds, plan, rank=0, device=torch.device("cpu"))
+    by_epoch = []
+    for epoch in range(1, epochs + 1):
         wait = steps = 0
         start = time.perf_counter()
-        it = iter(ds.iter_torch_batches(batch_size=BATCH_PER_GPU, drop_last=True, prefetch_batches=2))
+        it = iter(source.epoch(epoch))
         while True:
             t0 = time.perf_counter()
             try:
@@ -221,12 +226,14 @@ def _feed(root: str, files: list[str], columns: list[str], epochs: int, frames: 
             steps += 1
             time.sleep(STEP_S)   # the GPU step: the host thread is free meanwhile, as with CUDA
         total = time.perf_counter() - start
-        epochs_out.append({"steps": steps, "epoch_s": total, "wait_s": wait})
-    steady = epochs_out[1:] or epochs_out
-    return {"epochs": len(epochs_out), "steps_per_epoch": steady[-1]["steps"],
-            "epoch_s": round(float(np.median([e["epoch_s"] for e in steady])), 2),
-            "data_wait_fraction": round(float(np.median([e["wait_s"] / e["epoch_s"] for e in steady])), 3),
-            "clips_per_s": round(float(np.median([e["steps"] * BATCH_PER_GPU / e["epoch_s"] for e in steady])), 2)}
+        by_epoch.append({"steps": steps, "epoch_s": round(total, 3), "wait_s": round(wait, 3),
+                         "data_wait_fraction": round(wait / total, 3),
+                         "from_memory": source.rows is not None and epoch > 1})
+    later = by_epoch[1:] or by_epoch
+    return {"cache_mb": cache_mb, "by_epoch": by_epoch,
+            "first_epoch_data_wait_fraction": by_epoch[0]["data_wait_fraction"],
+            "data_wait_fraction": round(float(np.median([e["data_wait_fraction"] for e in later])), 3),
+            "clips_per_s": round(float(np.median([e["steps"] * BATCH_PER_GPU / e["epoch_s"] for e in later])), 2)}
 
 
 def training(n_clips: int, frames: int, epochs: int) -> dict:
@@ -272,9 +279,14 @@ def training(n_clips: int, frames: int, epochs: int) -> dict:
                "react_epoch_gb": round(REACT_TRAIN_CLIPS * mb_per_clip / 1e3, 1),
                "clips_per_s_needed_per_gpu": round(BATCH_PER_GPU / STEP_S, 1),
                "mb_per_s_needed_per_gpu": round(BATCH_PER_GPU / STEP_S * mb_per_clip, 1)}
+        # Streaming every epoch (cache_mb 0: what a shard larger than the cache gets) and the
+        # trainer's default (the first epoch streams, later ones read the kept tensors).
+        cache_mb = 2 * int(sum(sizes) / 2 ** 20) + 512       # decoded float16 is ~1.6x the zstd files
         for name, root in roots.items():
-            out[name] = _feed(root, files, columns, epochs, frames)
-        out["paper_width_data_wait_fraction"] = max(out["local"]["data_wait_fraction"], out["s3"]["data_wait_fraction"])
+            out[name] = {"streamed": _feed(root, files, columns, epochs, frames, cache_mb=0),
+                         "cached": _feed(root, files, columns, epochs, frames, cache_mb=cache_mb)}
+        out["streamed_data_wait_fraction"] = max(out[k]["streamed"]["data_wait_fraction"] for k in roots)
+        out["paper_width_data_wait_fraction"] = max(out[k]["cached"]["data_wait_fraction"] for k in roots)
         return out
     finally:
         runtime.shutdown_ray()
@@ -290,7 +302,7 @@ def training(n_clips: int, frames: int, epochs: int) -> dict:
 def run(quick: bool = False) -> dict:
     from pipeline import runtime
 
-    report: dict = {"machine_note": SHARED_MACHINE, "load_average_start": round(os.getloadavg()[0], 2)}
+    report: dict = {"machine_note": LOAD_NOTE, "load_average_start": round(os.getloadavg()[0], 2)}
     # Sizes are environment-tunable: SCALE_EVAL_ITEMS=1124 scores the whole val set (the default
     # full run measures a quarter and extrapolates by DTW pair count when the host is shared).
     sizes, frames = ([4, 8, 16], 50) if quick else ([16, 64, 256], 50)
@@ -298,7 +310,7 @@ def run(quick: bool = False) -> dict:
     steps = {
         "extraction": lambda: extraction(sizes, frames),
         "evaluation": lambda: evaluation(items, 2 if quick else 4),
-        "training": lambda: training(4 if quick else 8, 750, 2),
+        "training": lambda: training(4 if quick else 16, 750, 3),
     }
     for name, step in steps.items():
         if os.environ.get("SCALE_ONLY") and name not in os.environ["SCALE_ONLY"].split(","):

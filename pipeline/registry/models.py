@@ -23,10 +23,13 @@ Model URIs understood by :func:`load_generator` and :func:`resolve_version`::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import logging
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -115,6 +118,25 @@ def log_generator(generator: "ReactDiffGenerator", *, name: str = "generator",
         return _log_generator(generator, name=name, run_id=run_id, tags=tags)
 
 
+# What MLflow prints on every call, said once elsewhere: ``register_model``'s lines (our log line
+# names the version and alias) and the run links printed when a reopened run ends (the run's
+# own end prints them). Dropped inside the block; anything else printed there is passed on.
+_CHATTER = re.compile(r"^(Registered model .* already exists|Successfully registered model|"
+                      r"Created version '\d+' of model|🏃 View run |🧪 View experiment at)")
+
+
+@contextlib.contextmanager
+def _without_mlflow_chatter():
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        for captured, stream in ((out, sys.stdout), (err, sys.stderr)):
+            stream.write("".join(line for line in captured.getvalue().splitlines(keepends=True)
+                                 if not _CHATTER.match(line)))
+
+
 def _log_generator(generator, *, name: str, run_id: str | None, tags: Mapping[str, Any] | None):
     import mlflow
 
@@ -139,7 +161,7 @@ def _log_generator(generator, *, name: str, run_id: str | None, tags: Mapping[st
             # frames × every feature column: megabytes of JSON at paper width), so none is logged.
             warnings.filterwarnings("ignore", message=".*input example.*")
             if reopen:
-                with mlflow.start_run(run_id=run_id):
+                with _without_mlflow_chatter(), mlflow.start_run(run_id=run_id):
                     info = mlflow.pyfunc.log_model(**kwargs)
             elif active is None:
                 # No run: log into our experiment (durable artifact location), not MLflow's
@@ -196,7 +218,7 @@ def register_generator(generator: "ReactDiffGenerator", *, name: str = DEFAULT_N
             c.create_registered_model(name, description=MODEL_DESCRIPTION)
         except Exception:  # created concurrently: fine
             pass
-    with tracking.using():
+    with tracking.using(), _without_mlflow_chatter():
         version = mlflow.register_model(info.model_uri, name,
                                         tags={k: str(v) for k, v in all_tags.items() if v is not None})
     if alias:

@@ -26,6 +26,10 @@ def test_extraction_and_training_print_a_few_lines_and_no_ray_chatter(clean_shel
     printed = {name: _lines(step.output) for name, step in steps.items()}
     chatter = [line for lines in printed.values() for line in lines if any(p in line for p in RAY_CHATTER)]
     assert not chatter, chatter
+    # MLflow's own lines, said once: no registry chatter, one run link per training run.
+    for stage in ("train autoencoder", "train diffusion"):
+        assert sum("View run" in line for line in printed[stage]) <= 1, printed[stage]
+    assert not [line for line in printed["train diffusion"] if "already exists" in line or "Created version" in line]
     # The bound: an extraction and one training run of a tiny set, 40 lines at most.
     for stage in ("train autoencoder", "train diffusion"):
         assert len(printed["extract"]) + len(printed[stage]) <= 40, printed

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -41,8 +45,9 @@ def _store(tmp_path_factory, _migrated_mlflow_db):
         gen = _generator()
         run_id = tracking.create_run(run_name="unit", tags={"reactdiff.stage": "diffusion"})
         first = registry.register_generator(gen, run_id=run_id, tags={"purpose": "test"})
-        second = registry.register_generator(_generator(1), run_id=run_id)
-    return uri, (gen, run_id, first, second)
+        with contextlib.redirect_stderr(io.StringIO()) as printed:
+            second = registry.register_generator(_generator(1), run_id=run_id)
+    return uri, (gen, run_id, first, second, printed.getvalue())
 
 
 @pytest.fixture
@@ -52,7 +57,24 @@ def registered(_store, monkeypatch):
     uri, value = _store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    return value
+    return value[:4]
+
+
+def test_registering_a_new_version_prints_no_mlflow_chatter(_store):
+    printed = _store[1][4]
+    assert "already exists" not in printed and "Created version" not in printed, printed
+
+
+def test_other_mlflow_output_is_passed_on(capsys):
+    with registry._without_mlflow_chatter():
+        print("Registered model 'reactdiff' already exists. Creating a new version of this model...",
+              file=sys.stderr)
+        print("Created version '3' of model 'reactdiff'.", file=sys.stderr)
+        print("something else went wrong", file=sys.stderr)
+        print("🏃 View run unit at: http://127.0.0.1:5000/#/experiments/1/runs/abc")
+        print("kept")
+    printed = capsys.readouterr()
+    assert (printed.err, printed.out) == ("something else went wrong\n", "kept\n")
 
 
 def test_register_sets_challenger_tags_and_keeps_the_run_status(registered):
