@@ -29,6 +29,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -331,7 +332,10 @@ class ReactDiffGenerator(nn.Module):
         missing = [n for n in widths if n not in features]
         if missing:
             raise KeyError(f"missing input feature(s) {missing}; the model needs {list(widths)}, got {list(features)}")
-        raw = {n: torch.as_tensor(features[n]) for n in widths}
+        # Read-only arrays (Ray's object store, memory-mapped files) are copied: torch cannot
+        # share memory it may not write to.
+        raw = {n: torch.tensor(x) if isinstance(x, np.ndarray) and not x.flags.writeable else torch.as_tensor(x)
+               for n, x in ((n, features[n]) for n in widths)}
         ranks = {x.dim() for x in raw.values()}
         if len(ranks) != 1 or ranks.pop() not in (2, 3):
             raise ValueError(f"input features must all be [T, D] or all be [B, T, D], got "

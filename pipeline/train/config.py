@@ -99,8 +99,9 @@ class TrainConfig:
         "autoencoder", "autoencoder = stage 1 (MMT), diffusion = stage 2", flag="--stage")
     features: str = option("latest", "feature snapshot: URI, id under <workdir>/snapshots, or 'latest'",
                            flag="--features", metavar="SNAPSHOT")
-    preset: str = option("small", "generator preset (reactdiff.presets.PRESETS)",
-                         flag="--preset")
+    preset: str = option("small-temporal", "generator preset (reactdiff.presets.PRESETS): small-temporal / "
+                                           "paper-temporal = the improved variant (docs/model.md), small / "
+                                           "paper = the paper's design", flag="--preset")
     model: dict[str, Any] = option({}, "build_generator overrides, e.g. {seq_len: 100}; stage 2: "
                                        "denoiser/diffusion options only")
     autoencoder: str | None = option(None, "stage 2: stage-1 autoencoder.pt URI or MLflow run id (default: the "

@@ -124,7 +124,8 @@ class _TrainBatches:
         size = self.plan.batch_size
         for i in range(0, n - size + 1, size):
             index = order[i:i + size]
-            yield {k: v[index.to(v.device)] for k, v in self.rows.items()}
+            # index_select: a copy per row (memcpy on CPU), 1.4x advanced indexing here
+            yield {k: torch.index_select(v, 0, index.to(v.device)) for k, v in self.rows.items()}
 
 
 def _train_epoch(model, gen, optimizer, ema, params, batches, plan: WorkerPlan, world: int, device, bf16: bool):

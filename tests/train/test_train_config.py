@@ -22,7 +22,7 @@ def _args(*argv):
 
 def test_bundled_config_loads_with_documented_defaults():
     cfg = config.load(TrainConfig, "train")
-    assert cfg.stage == "autoencoder" and cfg.preset == "small" and cfg.features == "latest"
+    assert cfg.stage == "autoencoder" and cfg.preset == "small-temporal" and cfg.features == "latest"
     assert cfg.scaling.num_workers == 2 and cfg.checkpoint.metric == "val/loss" and cfg.checkpoint.mode == "min"
     assert cfg.mlflow.experiment == "reactdiff" and cfg.mlflow.alias == "challenger"
     assert cfg.stage1.epochs is None and cfg.stage1.grad_clip == 1.0       # null → the preset's value
