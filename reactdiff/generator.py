@@ -256,6 +256,14 @@ class Reaction(NamedTuple):
 # The generator
 # ----------------------------------------------------------------------------------------------
 
+def _as_tensor(x) -> Tensor:
+    """A tensor sharing ``x``'s memory, or a copy of a read-only array (Ray's object store,
+    memory-mapped files): torch cannot share memory it may not write to."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        return torch.tensor(x)
+    return torch.as_tensor(x)
+
+
 class ReactDiffGenerator(nn.Module):
     """Stage 1 + stage 2 + statistics + mean face; inputs are dicts of named per-frame features."""
 
@@ -332,10 +340,7 @@ class ReactDiffGenerator(nn.Module):
         missing = [n for n in widths if n not in features]
         if missing:
             raise KeyError(f"missing input feature(s) {missing}; the model needs {list(widths)}, got {list(features)}")
-        # Read-only arrays (Ray's object store, memory-mapped files) are copied: torch cannot
-        # share memory it may not write to.
-        raw = {n: torch.tensor(x) if isinstance(x, np.ndarray) and not x.flags.writeable else torch.as_tensor(x)
-               for n, x in ((n, features[n]) for n in widths)}
+        raw = {n: _as_tensor(features[n]) for n in widths}
         ranks = {x.dim() for x in raw.values()}
         if len(ranks) != 1 or ranks.pop() not in (2, 3):
             raise ValueError(f"input features must all be [T, D] or all be [B, T, D], got "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,14 @@ def test_inputs_are_cropped_and_cast(tiny, speaker):
     torch.testing.assert_close(half.emotion, long.emotion, atol=0.05, rtol=0.05)
     numpy_in = tiny.generate({n: x.numpy() for n, x in speaker.items()}, num_samples=2, steps=3, seed=1)
     torch.testing.assert_close(numpy_in.emotion, long.emotion, rtol=0, atol=0)
+    # read-only arrays (Ray's object store) are copied, with no torch warning
+    frozen = {n: x.numpy().copy() for n, x in speaker.items()}
+    for x in frozen.values():
+        x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_only = tiny.generate(frozen, num_samples=2, steps=3, seed=1)
+    torch.testing.assert_close(read_only.emotion, long.emotion, rtol=0, atol=0)
 
 
 def test_input_errors_are_clear(tiny, speaker):
