@@ -71,9 +71,8 @@ class ReactDiffModel(PythonModel):
         samples = int(params.get("samples", 1) or 1)
         seed = int(params.get("seed", -1))
         feats = _as_feature_dict(model_input, list(self.generator.feature_widths))
-        batch = {k: torch.from_numpy(v).to(self.device) for k, v in feats.items()}
-        with torch.no_grad():
-            out = self.generator.generate(batch, num_samples=samples, seed=None if seed < 0 else seed)
+        with torch.no_grad():   # numpy in: the generator moves it to its device (copying read-only arrays)
+            out = self.generator.generate(feats, num_samples=samples, seed=None if seed < 0 else seed)
         return {"emotion": out.emotion.float().cpu().numpy(), "tdmm": out.tdmm.float().cpu().numpy()}
 
 
