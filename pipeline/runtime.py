@@ -98,6 +98,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         context = ray.init(address=address, log_to_driver=verbose, configure_logging=False)
     else:
         _force_loopback()
+        _ask_for_token_auth()
         cpus = num_cpus or max(MIN_LOGICAL_CPUS, os.cpu_count() or 1)
         context = ray.init(
             num_cpus=cpus,
@@ -180,6 +181,26 @@ def _force_loopback() -> None:
     if ray_constants.ENABLE_RAY_CLUSTER:
         log.debug("Ray was imported before the loopback settings; forcing loopback")
         ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _ask_for_token_auth() -> None:
+    """Token authentication for the new local cluster, asked for explicitly.
+
+    With RAY_AUTH_MODE unset, Ray turns token auth on for a new local cluster (a token in
+    ~/.ray/auth_token, made once) and warns on every start that it did. Setting the mode
+    ourselves keeps exactly that protection without the warning; a mode the user chose
+    (``disabled``, as the test suite does) is kept. Ray reads the mode into its config when
+    ``ray`` is imported, so a Ray imported earlier is told again, as Ray itself does when it
+    enables the default (ray._private.authentication.authentication_token_setup).
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        return
+    Config.initialize("")
 
 
 def is_local_address(host: str) -> bool:

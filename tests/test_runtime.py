@@ -121,3 +121,34 @@ def test_local_dashboard_serves_the_state_api_on_loopback(ray_local):
     assert dashboards, "no local dashboard process"
     listeners = _listening_sockets(dashboards)
     assert listeners and all(a.startswith(LOOPBACK) for a in listeners), listeners
+
+
+def test_local_ray_keeps_token_auth_without_rays_startup_warning(tmp_path, clean_env):
+    """With RAY_AUTH_MODE unset, Ray turns token auth on for a new local cluster and warns on
+    every start; init_ray asks for it explicitly: same protection, no warning. A user's own
+    choice (``disabled``) is kept."""
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, ray\n"
+        "from pipeline import runtime\n"
+        "runtime.init_ray(num_cpus=1)\n"
+        "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
+        "print('MODE', os.environ.get('RAY_AUTH_MODE'))\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in clean_env.items() if k not in ("AWS_ENDPOINT_URL", "RAY_AUTH_MODE")}
+    env.update(HOME=str(home), REACTDIFF_HOME=str(tmp_path / "ws"))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MODE token" in proc.stdout
+    assert (home / ".ray" / "auth_token").is_file(), "token auth on means a token was made"
+    assert "Token authentication is enabled" not in proc.stderr, proc.stderr[-2000:]
+
+    proc = subprocess.run([sys.executable, str(script)], env={**env, "RAY_AUTH_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MODE disabled" in proc.stdout
