@@ -41,9 +41,10 @@ class DemoConfig:
     preset: str = option("small-temporal", "the improved variant (docs/model.md); small = the paper's design "
                                            "at CPU size")
     # Enough optimiser steps for the small preset to learn per-frame dynamics from 8 training
-    # dyads (16 clips, 16 directed items) on 2 workers: 60 × 8 = 480 stage-1 steps and
-    # 100 × 4 = 400 stage-2 steps. With 30 × 4 and 60 × 4 the decoded reactions stayed flat.
-    stage1_epochs: int = 60
+    # dyads (16 clips, 16 directed items) on 2 workers: 100 × 8 = 800 stage-1 steps and
+    # 100 × 4 = 400 stage-2 steps. With 30 × 4 and 60 × 4 the decoded reactions stayed flat;
+    # 800 instead of 480 stage-1 steps cost what 480 did with the decoder's dropout (docs/model.md).
+    stage1_epochs: int = 100
     stage2_epochs: int = 100
     stage1_batch_size: int = option(2, "clips per optimiser step, all workers together")
     stage2_batch_size: int = option(4, "directed items per optimiser step, all workers together")

@@ -68,6 +68,18 @@ def test_positional_encoding_breaks_equivariance(make_features):
     assert not any(preset_config(n).mmt.positional_encoding for n in ("paper", "small", "paper-temporal"))
 
 
+def test_small_temporal_decoder_has_no_dropout_and_the_paper_presets_keep_the_reference():
+    """Cause 8 of docs/model.md: the CPU-size variant trains its decoder without dropout; the
+    paper's presets keep the reference's 0.1, which a sampled decoder can switch on."""
+    assert preset_config("small-temporal").mmt.dropout == 0.0
+    assert all(preset_config(n).mmt.dropout == 0.1 for n in ("paper", "small", "paper-temporal"))
+    from reactdiff import build_generator
+
+    gen = build_generator("small-temporal", mmt={"hidden_dim": 16, "feature_dim": 8, "heads": 2})
+    decoder = [m for m in gen.autoencoder.modules() if isinstance(m, torch.nn.TransformerDecoderLayer)]
+    assert decoder and all(layer.dropout.p == 0.0 and layer.self_attn.dropout == 0.0 for layer in decoder)
+
+
 def test_clip_centering_ignores_each_clips_constant_offset_and_keeps_its_dynamics(make_features):
     feats = make_features({**FACIAL, **ACOUSTIC}, 2, 25)
     # a different constant per clip and feature: a person's look, a microphone's gain
