@@ -15,8 +15,10 @@ small size (``reference``, preset ``small``), the improved variant (``temporal``
 item conditioned on the speaker of a non-appropriate item: does the speaker change the output at
 all?), ``temporal-attributes`` (stage 2 conditioned on the speaker's real 25 attributes instead of
 the latent of their video and audio: is speaker perception the limit?), ``temporal-eps`` /
-``reference-x0`` (the prediction target), ``temporal-3x`` (three times the optimiser steps) and
-``temporal-no-positions`` (stage 1 without its sinusoidal positions).
+``reference-x0`` (the prediction target), ``temporal-3x`` (three times the optimiser steps),
+``temporal-no-positions`` (stage 1 without its sinusoidal positions), ``temporal-dropout`` (stage 1
+with the reference's decoder dropout) and ``temporal-480`` (the demo's earlier stage-1 budget).
+``--quick`` is a smoke run: 8/4/4 dyads, a quarter of the steps, one seed.
 
     python -m benchmarks.quality [--quick] [--data DIR] [--seeds 0 1] [--only temporal reference]
 
@@ -335,6 +337,9 @@ def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, s
                               "seeds": seeds, "baselines": baselines(val, samples), "variants": {}}
     for name in names:
         variant = VARIANTS[name]
+        if quick:
+            variant = dataclasses.replace(variant, stage1_steps=variant.stage1_steps // 4,
+                                          stage2_steps=variant.stage2_steps // 4)
         per_seed = []
         for seed in seeds:
             gen, times = train_variant(variant, train, snapshot.mean_face(), seed)
