@@ -257,16 +257,26 @@ def _closest_react(x, y, x_index, y_index, starts, out, n_blocks):
 
 @contextlib.contextmanager
 def numba_threads(num_threads: int | None) -> Iterator[None]:
-    """Temporarily cap numba's thread count (None: leave it), e.g. inside a Ray task."""
-    if num_threads is None:
-        yield
-        return
+    """Around every parallel kernel: cap numba's thread count (None: leave it), e.g. inside a
+    Ray task, and give torch back its own.
+
+    numba's OpenMP threading layer and torch share one OpenMP runtime, and a parallel numba
+    call sets that runtime's thread count to numba's (the core count). Without the reset, a
+    process that scores metrics and then trains — a Ray Train worker validating with FRDist,
+    where Ray gave torch one thread per worker — goes on training with as many threads as
+    cores, and its workers oversubscribe the CPU (the demo's stage 2 ran at half speed after
+    its first validation).
+    """
+    torch_threads = torch.get_num_threads()
     previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
+    if num_threads is not None:
+        numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         numba.set_num_threads(previous)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _checked(x, y, x_index, y_index):

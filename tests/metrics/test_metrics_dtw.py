@@ -101,3 +101,29 @@ def test_input_validation():
     with pytest.raises(ValueError):
         dtw_pairs(x, x, [0, 1], [0])
     assert dtw_pairs(x, x, [], []).shape == (0, 3)
+
+
+def test_parallel_kernels_leave_torch_its_thread_count(tmp_path):
+    """numba's OpenMP layer and torch share one OpenMP runtime: a parallel numba call set
+    torch's intra-op threads to the core count, so a Ray Train worker that Ray gave one thread
+    (OMP_NUM_THREADS=1) trained with every core after scoring FRDist/FRSyn in its validation."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import numpy as np, torch\n"
+        "from reactdiff import metrics\n"
+        "rng = np.random.default_rng(0)\n"
+        "pred = rng.random((3, 2, 60, 25), dtype=np.float32)\n"
+        "real = rng.random((3, 60, 25), dtype=np.float32)\n"
+        "before = torch.get_num_threads()\n"
+        "metrics.frdist(pred, real, np.eye(3, dtype=bool))\n"
+        "metrics.frsyn(pred, real)\n"
+        "print('THREADS', before, torch.get_num_threads())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("THREADS")]
+    assert line, proc.stderr[-2000:]
+    assert line[0].split()[1:] == ["1", "1"], line
