@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from typing import Any
@@ -241,6 +242,20 @@ class _RankZeroValidation:
 
         if not self.subset:
             return {}, None
+        if self.device.type != "cpu":
+            return self._run(gen, epoch, plot)
+        # The other workers wait at their next collective while rank 0 samples reactions, so on
+        # CPU it may use every core of its node, not the one thread Ray gave it for training.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
+        try:
+            return self._run(gen, epoch, plot)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, gen, epoch: int, plot: bool) -> tuple[dict[str, float], Any]:
+        import torch
+
         seq_len = gen.config.seq_len
         clips = self._load(gen.feature_widths)
         s, validation, stage = self.subset, self.plan.config.validation, self.plan.stage

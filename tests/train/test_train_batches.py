@@ -60,3 +60,26 @@ def test_shard_larger_than_the_budget_streams_every_epoch(ray_local, cache_mb):
     for epoch in (1, 2, 3):
         assert sorted(len(b) for b in _ids(source.epoch(epoch))) == [4, 4]
         assert source.rows is None
+
+
+def test_rank_zero_validation_uses_every_core_on_cpu_and_gives_the_thread_back(monkeypatch):
+    """While rank 0 samples its validation reactions the other workers wait, so on CPU it may use
+    the node's cores; training goes on with the one thread Ray gave each worker."""
+    import os
+
+    import torch
+
+    from pipeline.train import loop
+
+    val = object.__new__(loop._RankZeroValidation)
+    val.subset, val.device = ["item"], torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(loop._RankZeroValidation, "_run",
+                        lambda self, gen, epoch, plot: seen.append(torch.get_num_threads()) or ({}, None))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert val.run(None, 1, False) == ({}, None)
+        assert seen == [len(os.sched_getaffinity(0))] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
