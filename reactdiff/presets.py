@@ -89,7 +89,7 @@ PRESETS: dict[str, GeneratorConfig] = {
     # Sinusoidal positions in stage 1 (cause 7 of docs/model.md): the MMT attends over all
     # frames, and without positions it cannot tell a frame's neighbours from the rest of the clip.
     # No decoder dropout (cause 8): stage 1 under-fits at this size and budget, and dropping
-    # 750 × 750 attention weights was 40 % of a CPU step, so the same time buys 1.6× the steps.
+    # 750 × 750 attention weights was 38 % of a CPU step, so the same time buys 1.6× the steps.
     "small-temporal": _temporal_variant(SMALL, channels=128, cond_channels=64,
                                         mmt={"positional_encoding": True, "dropout": 0.0}),
 }
