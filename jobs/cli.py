@@ -49,6 +49,8 @@ ENVIRONMENT = """environment variables:
                           (default ./.reactdiff)
   MLFLOW_TRACKING_URI     MLflow server or store (default sqlite:///$REACTDIFF_HOME/mlflow.db)
   RAY_ADDRESS             attach to this Ray cluster instead of starting local Ray on 127.0.0.1
+  RAY_AUTH_MODE           local Ray's authentication (default token, Ray's own default; a token
+                          in ~/.ray/auth_token); set "disabled" to opt out
   AWS_ENDPOINT_URL[_S3]   S3-compatible endpoint (MinIO); credentials from the standard AWS chain
                           (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles)
   REACTDIFF_GIT_COMMIT    code version recorded in manifests and MLflow where no git checkout is
