@@ -310,9 +310,13 @@ def dataset(root: Path, behaviour: str, dyads: tuple[int, int, int], seed: int):
     synth.generate(str(data), dyads=dyads, seed=seed, behaviour=behaviour)
     snap = Snapshot.latest(str(snaps))
     if snap is None:
+        import ray
+
+        ours = not ray.is_initialized()
         runtime.init_ray()
         snap = extract.extract(extract.ExtractConfig(data=str(data), out=str(snaps), feature_set="demo")).snapshot
-        runtime.shutdown_ray()   # its idle workers would take CPU from the training that follows
+        if ours:    # its idle workers would take CPU from the training that follows
+            runtime.shutdown_ray()
     return snap
 
 

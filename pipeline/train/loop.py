@@ -247,7 +247,7 @@ class _RankZeroValidation:
         # The other workers wait at their next collective while rank 0 samples reactions, so on
         # CPU it may use every core of its node, not the one thread Ray gave it for training.
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
         try:
             return self._run(gen, epoch, plot)
         finally:
