@@ -60,7 +60,7 @@ class Variant:
 
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
-    stage1_steps: int = 800              # the demo's budget: 100 epochs × 8 steps of 2 clips
+    stage1_steps: int = 800              # 40 training clips; the demo's 16 over-fit after 480
     stage2_steps: int = 400              # 100 epochs × 4 steps of 4 items
     stage1_batch: int = 2
     stage2_batch: int = 4
