@@ -13,6 +13,11 @@ Two models, chosen with ``reactdiff synth --behaviour``:
   partner 0.2–0.8 s later with an individual temperament: smiles that grow with the partner's
   talk and tone, brow raises at the partner's emphasis onsets, nods (head pitch at ≈ 2 Hz)
   while the partner talks, stillness in the partner's pauses. Appropriate = same speaker group.
+* ``contagion``: a third generator, written after the model's design was settled and never used
+  to choose it. A group's conversation is a sequence of discrete moods (neutral, amused,
+  concerned, surprised) that switch every 2–8 s; speakers show them with their own intensity.
+  Listeners catch the mood causally with a ≈ 1 s time constant (``contagious``) or show only its
+  strong moments (``reserved``), and nod when the partner's turn ends. Appropriate = same group.
 
 Every draw is keyed by (seed, purpose, ids) (``rng``), so a clip's content does not depend on
 how many clips there are or which worker drew it.
@@ -237,6 +242,84 @@ def backchannel_listener(speaker: np.ndarray, style: str, lag: int, r: np.random
 
 
 # ---------------------------------------------------------------------------------------------
+# The "contagion" model
+
+_STATES = np.array([[0.0, 0.0, 0.0],       # neutral   (smile, brow, frown)
+                    [0.55, 0.15, -0.3],    # amused
+                    [-0.25, 0.0, 0.5],     # concerned
+                    [0.1, 0.6, 0.0]])      # surprised
+_STATE_POSE = np.array([[0.0, 0.0, 0.0],   # head (yaw, pitch, roll) offset of each mood
+                        [0.0, -0.05, 0.06],
+                        [0.0, 0.06, -0.08],
+                        [0.0, -0.1, 0.0]])
+
+
+def mood_sequence(g: int, frames: int, seed: int) -> dict[str, np.ndarray]:
+    """Shared by group ``g``'s speakers: a one-hot mood per frame [T, 4] (2–8 s segments) and turns [T]."""
+    r = rng(seed, PROTO, 200 + g)
+    states = np.zeros((frames, len(_STATES)))
+    t, current = 0, int(r.integers(len(_STATES)))
+    while t < frames:
+        length = int(r.uniform(2.0, 8.0) * FPS)
+        states[t:t + length, current] = 1.0
+        # Each group prefers one mood (g mod 4) and returns to it half of the time.
+        current = g % len(_STATES) if r.random() < 0.5 else int(r.integers(len(_STATES)))
+        t += length
+    return {"states": states, "speech": _speech_bursts(r, frames)}
+
+
+def _causal_follow(x: np.ndarray, tau_frames: float) -> np.ndarray:
+    """First-order low-pass along time (exponential smoothing): reacts only to the past."""
+    a = 1.0 / max(1.0, tau_frames)
+    out = np.empty_like(x)
+    acc = x[0]
+    for i in range(len(x)):
+        acc = acc + a * (x[i] - acc)
+        out[i] = acc
+    return out
+
+
+def contagion_speaker(conv: dict[str, np.ndarray], r: np.random.Generator) -> np.ndarray:
+    """[T, 8] a speaker showing the group's moods with personal intensity, quick onsets and noise."""
+    frames = len(conv["speech"])
+    t = np.arange(frames) / FPS
+    moods = _hann_smooth(conv["states"], int(r.integers(5, 13)))     # 0.2–0.5 s transitions
+    z = np.zeros((frames, len(LATENT)))
+    z[:, SMILE:FROWN + 1] = r.uniform(0.7, 1.3) * moods @ _STATES + 0.1 * _smooth(r, frames, 3)
+    z[:, YAW:] = moods @ _STATE_POSE + _smooth(r, frames, 3, 0.05, 0.4) * np.array([0.12, 0.05, 0.04])
+    syllables = 0.5 + 0.5 * np.sin(2 * np.pi * r.uniform(3.0, 5.0) * t + r.uniform(0, 2 * np.pi))
+    return _talking(z, conv["speech"], syllables, 0.15, r)
+
+
+def contagion_listener(speaker: np.ndarray, style: str, lag: int, r: np.random.Generator) -> np.ndarray:
+    """[T, 8] a listener catching the partner's mood ``lag`` frames later; nods at turn ends."""
+    frames = len(speaker)
+    s = _delayed(speaker, lag)
+    expression = _causal_follow(s[:, SMILE:FROWN + 1], r.uniform(15, 35))
+    z = np.zeros_like(speaker)
+    if style == "contagious":
+        z[:, SMILE:FROWN + 1] = r.uniform(0.6, 0.9) * expression
+    elif style == "reserved":        # only the strong moments come through
+        z[:, SMILE:FROWN + 1] = 1.4 * np.sign(expression) * np.clip(np.abs(expression) - 0.25, 0, None)
+    else:
+        raise ValueError(f"unknown contagion style {style!r} (known: contagious, reserved)")
+    talking = _hann_smooth(s[:, MOUTH], 15) > 0.12
+    ends = np.flatnonzero(np.diff(talking.astype(int)) < 0)          # the partner stops talking
+    nod = np.zeros(frames)
+    shape = np.sin(np.linspace(0, 2 * np.pi, 13)) * np.hanning(13)
+    for e in ends:
+        n = min(len(shape), frames - e - 1)
+        nod[e + 1:e + 1 + n] += shape[:n]
+    z[:, PITCH] = 0.15 * nod + 0.02 * _smooth(r, frames, 1)[:, 0]
+    z[:, YAW] = -0.3 * s[:, YAW] + 0.03 * _smooth(r, frames, 1)[:, 0]
+    z[:, ROLL] = 0.5 * _causal_follow(s[:, ROLL], 25.0)
+    z[:, SMILE:FROWN + 1] += 0.06 * _smooth(r, frames, 3)
+    z[:, MOUTH] = 0.05 + 0.1 * np.clip(_smooth(r, frames, 1, 0.1, 0.5)[:, 0], 0, None)
+    z[:, EYES] = _blinks(r, frames)
+    return _clip_latent(z)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -254,4 +337,6 @@ BEHAVIOURS = {
                            prototype_behaviour, speaker_latent, listener_latent),
     "backchannel": Behaviour("backchannel", 4, ("backchannel",), (5, 20),
                              group_conversation, backchannel_speaker, backchannel_listener),
+    "contagion": Behaviour("contagion", 4, ("contagious", "reserved"), (10, 30),
+                           mood_sequence, contagion_speaker, contagion_listener),
 }

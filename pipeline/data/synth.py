@@ -1,7 +1,7 @@
 """Synthetic REACT data: the exact on-disk layout, with a learnable one-to-many reaction.
 
     reactdiff synth --out DIR [--dyads 8,4,4] [--frames 751] [--seed 0] [--release 2024|2023]
-                    [--behaviour prototype|backchannel]
+                    [--behaviour prototype|backchannel|contagion]
     pipeline.data.synth.generate(out, dyads=(8, 4, 4), frames=751, seed=0, release="2024")
 
 The real corpus is licensed, so the demo, tests and benchmarks run on this. How it is drawn:
@@ -13,8 +13,8 @@ The real corpus is licensed, so the demo, tests and benchmarks run on this. How 
 * The person in csv column 1 (NoXI Expert, RECOLA P25/P41/P45, UDIVA FC1) is the speaker, the
   person in column 2 reacts. How both behave is a behaviour model of ``pipeline.data.behaviour``: by
   default three speaker prototypes and listeners that react 5..15 frames later in one of three
-  styles, so one speaker behaviour has several appropriate reactions; ``backchannel`` is a second,
-  different model for checking that results do not depend on the first.
+  styles, so one speaker behaviour has several appropriate reactions; ``backchannel`` and
+  ``contagion`` are other models, for checking that results do not depend on the first.
 * Appropriateness (``data_indices.csv`` + ``Approprirate_facial_reaction.npy``): two directed items
   are neighbours iff their speakers' behaviour classes are equal — ``(prototype)`` for column-1
   speakers, ``(prototype, style)`` for the reacting person speaking in a mirrored item. The diagonal
@@ -74,7 +74,8 @@ class SynthConfig:
     behaviour: str = option("prototype", "behaviour model (pipeline.data.behaviour): prototype (three speaker "
                                          "prototypes, mirror/complementary/dampened listeners; the demo's) or "
                                          "backchannel (speaker groups, listeners that smile, raise brows and nod "
-                                         "while the partner talks)", flag="--behaviour", choices=list(BEHAVIOURS))
+                                         "while the partner talks) or contagion (groups share switching moods, "
+                                         "listeners catch them with a lag and nod at turn ends)", flag="--behaviour", choices=list(BEHAVIOURS))
     workers: int = option(0, "processes rendering clips (default 0: one per CPU for sizeable datasets)",
                           flag="--workers")
     overwrite: bool = option(False, "replace the files of an existing synthetic dataset at --out",

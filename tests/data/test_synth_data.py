@@ -194,3 +194,20 @@ def test_backchannel_behaviour_is_another_learnable_generator(tmp_path, capsys):
     assert np.mean(follows) > 0.3
     with pytest.raises(ValueError, match="unknown behaviour"):
         synth.generate(str(tmp_path / "c"), behaviour="mirror-only")
+
+
+def test_contagion_behaviour_listeners_catch_the_partners_mood(tmp_path):
+    """The third behaviour model: group moods define appropriateness; a listener's valence follows
+    the partner's with a lag (causally: the past predicts it better than the future)."""
+    out = tmp_path / "c"
+    summary = synth.generate(str(out), dyads=(8, 0, 0), frames=250, seed=5, behaviour="contagion", workers=1)
+    assert {t["style"] for t in summary.truth} == {"contagious", "reserved"}
+    assert len({t["prototype"] for t in summary.truth}) == 4
+    ds = open_dataset(str(out))
+    emotion = {c.clip_id: react.read_emotion(c.emotion) for c in ds.clips()}
+    before, after = [], []
+    for t in summary.truth:
+        speaker, listener, lag = emotion[t["speaker"]][:, 15], emotion[t["listener"]][:, 15], t["lag"]
+        before.append(np.corrcoef(speaker[:-lag], listener[lag:])[0, 1])      # speaker leads
+        after.append(np.corrcoef(listener[:-lag], speaker[lag:])[0, 1])       # listener leads
+    assert np.mean(before) > 0.3 and np.mean(before) > np.mean(after)
