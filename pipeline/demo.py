@@ -44,9 +44,10 @@ class DemoConfig:
     # dyads (16 clips, 16 directed items) on 2 workers: 60 × 8 = 480 stage-1 steps and
     # 100 × 4 = 400 stage-2 steps. With 30 × 4 and 60 × 4 the decoded reactions stayed flat.
     # 800 stage-1 steps, which help on 40 training clips (docs/model.md, cause 8), overfit these
-    # 16: the best validation loss was at epoch 60 of 100, and in-process on this very data 480
-    # and 800 steps gave the same generator (FRCorr 1.31 / 1.29, FRDist 147.7 / 148.4, 2 seeds)
-    # for 118 s instead of 205–222 s of stage 1.
+    # 16: in-process on this very data 480 and 800 steps gave the same generator (FRCorr 1.31 /
+    # 1.29, FRDist 147.7 / 148.4, 2 seeds) for 118 s instead of 205–222 s of stage 1, and 240
+    # steps a worse one (0.79 / 152.6) — so the last epoch is exported, not the best-validation
+    # one (which was epoch 30 of 60 in a demo run, FRCorr 0.90 against Mime's 1.16).
     stage1_epochs: int = 60
     stage2_epochs: int = 100
     stage1_batch_size: int = option(2, "clips per optimiser step, all workers together")

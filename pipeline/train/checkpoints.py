@@ -3,7 +3,8 @@
 ``<run_dir>/checkpoint_epochNNNN/`` holds ``checkpoint.pt`` (model, EMA, optimiser, epoch, step,
 history, MLflow run id, config, snapshot id) and ``meta.json`` (epoch, metrics, history — read
 without torch). Written by the workers (pipeline.train.loop), read back to resume
-(``restore_state``) and by the driver to export the best one (``export_checkpoint``).
+(``restore_state``) and by the driver to export one, the latest or the best by a metric
+(``export_checkpoint``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def _args(*argv):
 def test_bundled_config_loads_with_documented_defaults():
     cfg = config.load(TrainConfig, "train")
     assert cfg.stage == "autoencoder" and cfg.preset == "small-temporal" and cfg.features == "latest"
-    assert cfg.scaling.num_workers == 2 and cfg.checkpoint.metric == "val/loss" and cfg.checkpoint.mode == "min"
+    assert cfg.scaling.num_workers == 2 and cfg.checkpoint.metric is None and cfg.checkpoint.mode == "min"
     assert cfg.mlflow.experiment == "reactdiff" and cfg.mlflow.alias == "challenger"
     assert cfg.stage1.epochs is None and cfg.stage1.grad_clip == 1.0       # null → the preset's value
 
@@ -77,10 +77,11 @@ def test_export_takes_the_best_readable_checkpoint(tmp_path, caplog):
         metrics = {} if val is None else {"val/loss": val}
         write_checkpoint(str(d), {"epoch": epoch, "w": torch.full((2,), float(epoch))},
                          {"epoch": epoch, "metrics": metrics})
-    defaults = TrainConfig(name="r").checkpoint                            # metric val/loss, mode min
+    defaults = TrainConfig(name="r").checkpoint                            # the latest; mode min
+    assert export_checkpoint(str(run_dir), name="r", metric=defaults.metric, mode=defaults.mode)[1]["epoch"] == 4
 
     def export(mode=defaults.mode):
-        return export_checkpoint(str(run_dir), name="r", metric=defaults.metric, mode=mode)
+        return export_checkpoint(str(run_dir), name="r", metric="val/loss", mode=mode)
 
     uri, state = export()
     assert uri.endswith("checkpoint_epoch0002") and state["epoch"] == 2
