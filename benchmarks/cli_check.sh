@@ -26,9 +26,10 @@ $B generate --split val --model "$model" --out "$REACTDIFF_HOME/pred"
 t4=$(date +%s)
 $B evaluate --predictions "$REACTDIFF_HOME/pred" --split val --out "$REACTDIFF_HOME/report.json"
 t5=$(date +%s)
-"$repo/.venv/bin/python" - "$REACTDIFF_HOME" <<'PY'
+PYTHONPATH=$repo "$repo/.venv/bin/python" - "$REACTDIFF_HOME" <<'PY'
 import glob, sys
 import numpy as np
+from benchmarks.quality import jitter          # the quality benchmark's definition
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.predictions import read_predictions
 home = sys.argv[1]
@@ -36,9 +37,7 @@ snap = Snapshot.open(sorted(glob.glob(f"{home}/snapshots/2*"))[-1])
 items = list(snap.items("val"))
 pred = read_predictions(f"{home}/pred")                     # [N, K, T, 25] in item order
 clips = snap.load_clips(sorted({i.listener for i in items}), ["emotion"])
-# jitter: mean |x[t+1] - x[t]| over valence, arousal and the 8 expression probabilities
-jitter = lambda a: np.abs(np.diff(np.asarray(a, dtype=np.float64)[..., -10:], axis=-2)).mean()
-real = [jitter(np.asarray(clips[i.listener]["emotion"])[:pred.shape[2]]) for i in items[:len(pred)]]
-print(f"jitter vs the real listeners: {np.mean([jitter(p) for p in pred]) / np.mean(real):.2f}x")
+real = np.stack([np.asarray(clips[i.listener]["emotion"])[:pred.shape[2]] for i in items[:len(pred)]])
+print(f"jitter vs the real listeners: {jitter(pred) / jitter(real):.2f}x")
 PY
 echo "seconds: synth+extract $((t1 - t0)), stage 1 $((t2 - t1)), stage 2 $((t3 - t2)), generate $((t4 - t3)), evaluate $((t5 - t4))"

@@ -75,7 +75,8 @@ class SynthConfig:
                                          "prototypes, mirror/complementary/dampened listeners; the demo's) or "
                                          "backchannel (speaker groups, listeners that smile, raise brows and nod "
                                          "while the partner talks) or contagion (groups share switching moods, "
-                                         "listeners catch them with a lag and nod at turn ends)", flag="--behaviour", choices=list(BEHAVIOURS))
+                                         "listeners catch them with a lag and nod at turn ends)",
+                            flag="--behaviour", choices=list(BEHAVIOURS))
     workers: int = option(0, "processes rendering clips (default 0: one per CPU for sizeable datasets)",
                           flag="--workers")
     overwrite: bool = option(False, "replace the files of an existing synthetic dataset at --out",
