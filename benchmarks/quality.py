@@ -15,12 +15,14 @@ small size (``reference``, preset ``small``), the improved variant (``temporal``
 item conditioned on the speaker of a non-appropriate item: does the speaker change the output at
 all?), ``temporal-attributes`` (stage 2 conditioned on the speaker's real 25 attributes instead of
 the latent of their video and audio: is speaker perception the limit?), ``temporal-eps`` /
-``reference-x0`` (the prediction target), ``temporal-3x`` (three times the optimiser steps),
+``reference-x0`` (the prediction target), ``temporal-no-guidance`` (no classifier-free guidance),
+``temporal-3x`` (three times the optimiser steps),
 ``temporal-no-positions`` (stage 1 without its sinusoidal positions), ``temporal-dropout`` (stage 1
 with the reference's decoder dropout) and ``temporal-480`` (the demo's earlier stage-1 budget).
 ``--quick`` is a smoke run: 8/4/4 dyads, a quarter of the steps, one seed.
 
-    python -m benchmarks.quality [--quick] [--data DIR] [--seeds 0 1] [--only temporal reference]
+    python -m benchmarks.quality [--quick] [--snapshot URI] [--seeds 0 1] [--only temporal reference]
+                                 [--guidance 1 1.5 2 3] [--stage1-steps 480]
 
 Data: a synthetic REACT dataset made by ``reactdiff synth`` with the *backchannel* behaviour
 model (``--behaviour``), which the demo never trains on, so a variant cannot win by being tuned
@@ -77,6 +79,9 @@ VARIANTS: dict[str, Variant] = {
     "reference-shuffled": Variant(probe="shuffled"),
     "temporal-attributes": Variant(preset="small-temporal", probe="attributes"),
     "temporal-eps": Variant(preset="small-temporal", overrides={"diffusion": {"prediction": "epsilon"}}),
+    # without classifier-free guidance (the variant before cause 9 of docs/model.md)
+    "temporal-no-guidance": Variant(preset="small-temporal",
+                                    overrides={"diffusion": {"cond_drop": 0.0, "guidance": 1.0}}),
     "reference-x0": Variant(overrides={"diffusion": {"prediction": "x0"}}),
     "temporal-3x": Variant(preset="small-temporal", stage1_steps=3 * 800, stage2_steps=3 * 400),
     # stage 1 with the reference's decoder dropout (the variant before cause 8 of docs/model.md),
@@ -87,7 +92,7 @@ VARIANTS: dict[str, Variant] = {
     "temporal-no-positions": Variant(preset="small-temporal", overrides={"mmt": {"positional_encoding": False}}),
 }
 DEFAULT = ["reference", "temporal", "reconstruction", "temporal-reconstruction", "temporal-shuffled",
-           "temporal-attributes", "temporal-no-positions"]
+           "temporal-attributes", "temporal-no-positions", "temporal-no-guidance"]
 QUICK = ["reference", "temporal", "reconstruction", "temporal-shuffled"]
 
 
@@ -239,7 +244,8 @@ def _attribute_loss(gen, attributes: torch.Tensor, z_listener: torch.Tensor, gen
 
     d = gen.config.diffusion
     loss, _ = epsilon_loss(gen.denoiser, gen.latent_stats.normalize(z_listener), gen.schedule, gen.cond(attributes),
-                           loss=d.loss, weight=d.loss_weight, prediction=d.prediction, generator=generator)
+                           loss=d.loss, weight=d.loss_weight, prediction=d.prediction, cond_drop=d.cond_drop,
+                           generator=generator)
     return loss
 
 
@@ -250,7 +256,8 @@ def _attribute_generate(gen, attributes: torch.Tensor, samples: int, seed: int) 
     d, (b, t, _) = gen.config.diffusion, attributes.shape
     cond = gen.cond(attributes).repeat_interleave(samples, dim=0)
     x0 = ddim_sample(gen.denoiser, (b * samples, t, gen.config.mmt.feature_dim), gen.schedule, cond,
-                     prediction=d.prediction, clip_x0=d.clip_x0, generator=torch.Generator().manual_seed(seed))
+                     prediction=d.prediction, clip_x0=d.clip_x0, guidance=d.guidance,
+                     generator=torch.Generator().manual_seed(seed))
     emotion, _ = gen.decode(gen.latent_stats.denormalize(x0))
     return emotion.reshape(b, samples, t, -1).numpy()
 
@@ -321,7 +328,11 @@ def dataset(root: Path, behaviour: str, dyads: tuple[int, int, int], seed: int):
 
 
 def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, seeds: list[int] | None = None,
-        samples: int = 10, root: str | None = None, behaviour: str = "backchannel") -> dict:
+        samples: int = 10, root: str | None = None, behaviour: str = "backchannel",
+        guidance: list[float] | None = None, stage1_steps: int | None = None) -> dict:
+    """Train and score every variant of ``names`` for every seed. ``guidance``: score each trained
+    generator at these classifier-free guidance scales too (rows ``<name>@g<scale>``; no retraining);
+    ``stage1_steps`` overrides the variants' stage-1 budget (the demo's 16 clips take 480)."""
     from pipeline.data.snapshot import Snapshot
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "2")))
@@ -341,20 +352,30 @@ def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, s
                               "seeds": seeds, "baselines": baselines(val, samples), "variants": {}}
     for name in names:
         variant = VARIANTS[name]
+        if stage1_steps:
+            variant = dataclasses.replace(variant, stage1_steps=stage1_steps)
         if quick:
             variant = dataclasses.replace(variant, stage1_steps=variant.stage1_steps // 4,
                                           stage2_steps=variant.stage2_steps // 4)
-        per_seed = []
+        scales = [None] + [g for g in guidance or [] if variant.probe == "generate"]
+        per_seed: dict[str, list[dict]] = {}
         for seed in seeds:
             gen, times = train_variant(variant, train, snapshot.mean_face(), seed)
-            metrics = score(predict(gen, variant, val, samples, seed), val)
-            per_seed.append({**metrics, **times})
-            print(f"{name} seed {seed}: " + " ".join(f"{k} {v:.3f}" for k, v in per_seed[-1].items()), flush=True)
-        result["variants"][name] = {
-            "mean": {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]},
-            "per_seed": per_seed,
-            "stage1_steps": variant.stage1_steps, "stage2_steps": variant.stage2_steps,
-        }
+            own = gen.config.diffusion.guidance
+            for g in scales:
+                row = name if g is None else f"{name}@g{g:g}"
+                gen.config.diffusion.guidance = own if g is None else g
+                t0 = time.perf_counter()
+                metrics = score(predict(gen, variant, val, samples, seed), val)
+                per_seed.setdefault(row, []).append({**metrics, **times, "predict_s": time.perf_counter() - t0})
+                print(f"{row} seed {seed}: " + " ".join(f"{k} {v:.3f}" for k, v in per_seed[row][-1].items()),
+                      flush=True)
+        for row, runs in per_seed.items():
+            result["variants"][row] = {
+                "mean": {k: float(np.mean([r[k] for r in runs])) for k in runs[0]},
+                "per_seed": runs,
+                "stage1_steps": variant.stage1_steps, "stage2_steps": variant.stage2_steps,
+            }
     return result
 
 
@@ -375,9 +396,12 @@ def main() -> None:
     parser.add_argument("--behaviour", default="backchannel", help="synthetic behaviour model of the dataset")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int)
+    parser.add_argument("--guidance", nargs="*", type=float, help="also score at these guidance scales")
+    parser.add_argument("--stage1-steps", type=int, help="stage-1 optimiser steps of every variant")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    result = run(args.quick, snapshot=args.snapshot, names=args.only, seeds=args.seeds, behaviour=args.behaviour)
+    result = run(args.quick, snapshot=args.snapshot, names=args.only, seeds=args.seeds, behaviour=args.behaviour,
+                 guidance=args.guidance, stage1_steps=args.stage1_steps)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"quality-{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -38,6 +38,13 @@ class DiffusionConfig:
     clip_x0: bool = True           # clamp x̂₀ to [−1, 1] while sampling (latents are min-max normalised)
     eta: float = 0.0               # DDIM stochasticity; 0 = deterministic given x_T (reference)
     prediction: str = "epsilon"    # what the network predicts: "epsilon" (reference) or "x0"
+    # Classifier-free guidance (Ho & Salimans 2022; not in the reference): while training, each
+    # example's speaker condition is replaced by the null condition (zeros) with probability
+    # ``cond_drop``, so one network learns p(listener | speaker) and p(listener); sampling then
+    # extrapolates output_null + guidance · (output_speaker − output_null). guidance = 1 is the plain
+    # conditional model (one denoiser call per step); > 1 costs two and strengthens the speaker's pull.
+    cond_drop: float = 0.0
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule != "cosine":
@@ -48,6 +55,10 @@ class DiffusionConfig:
             raise ValueError("diffusion.num_timesteps must be ≥ 1")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"diffusion.prediction={self.prediction!r}: expected one of {PREDICTIONS}")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ValueError(f"diffusion.cond_drop={self.cond_drop}: expected a probability in [0, 1)")
+        if self.guidance < 0:
+            raise ValueError(f"diffusion.guidance={self.guidance}: expected ≥ 0 (1 = no guidance)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,17 +154,21 @@ class NoiseSchedule:
 
 def epsilon_loss(denoiser_fn: DenoiserFn, x0: Tensor, schedule: NoiseSchedule, cond: Tensor | None = None,
                  *, loss: str = "l1", weight: float = 10.0, prediction: str = "epsilon",
-                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 cond_drop: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Denoising loss, t ~ U{0..T−1} and ε ~ N(0, I) per example (DDPM "L_simple").
 
     Returns ``weight · mean |ε̂ − ε|`` (or squared for ``loss="l2"``) and the unweighted term;
     with ``prediction="x0"`` the network's output is compared with x₀ instead of ε.
-    Random numbers come from ``generator`` (on its device) when one is given.
+    ``cond_drop``: probability that an example trains with the null condition (zeros), for
+    classifier-free guidance. Random numbers come from ``generator`` (on its device) when given.
     """
     n = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=gen_device).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    if cond is not None and cond_drop > 0:     # drawn after t and ε: cond_drop = 0 keeps old streams
+        keep = torch.rand((n,), generator=generator, device=gen_device) >= cond_drop
+        cond = cond * keep.to(cond.device, cond.dtype).reshape((n,) + (1,) * (cond.dim() - 1))
     x_t = schedule.add_noise(x0, noise, t)
     out = denoiser_fn(x_t, t, cond)
     target, name = (noise, "eps") if prediction == "epsilon" else (x0, "x0")
@@ -213,7 +228,7 @@ def ddim_sample(denoiser_fn: DenoiserFn, shape: tuple[int, ...], schedule: Noise
                 cond: Tensor | None = None, steps: int | None = None, eta: float = 0.0,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None, *, clip_x0: bool = True,
                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                noise: Tensor | None = None, prediction: str = "epsilon") -> Tensor:
+                noise: Tensor | None = None, prediction: str = "epsilon", guidance: float = 1.0) -> Tensor:
     """DDIM sampling (Song et al. 2021, Algorithm of §4.1) from x_T ~ N(0, I) to x̂₀.
 
     One call of ``denoiser_fn`` per step on the whole batch. Noise is drawn from
@@ -221,6 +236,9 @@ def ddim_sample(denoiser_fn: DenoiserFn, shape: tuple[int, ...], schedule: Noise
     gives the same x_T on every device; a sequence of generators gives each equal block of the
     batch its own stream (see ``randn``). ``noise`` overrides the initial x_T.
     ``prediction="x0"``: the denoiser returns x̂₀, from which ε̂ is derived for the update.
+    ``guidance`` ≠ 1 (classifier-free guidance): each step denoises the batch with ``cond`` and
+    with the null condition (zeros) and uses null + guidance · (cond − null); the
+    output is affine in x̂₀ and ε̂ alike, so guiding either prediction is the same update.
     """
     device = torch.device(device) if device is not None else (cond.device if cond is not None else torch.device("cpu"))
     x = noise.to(device, dtype) if noise is not None else randn(shape, generator, device, dtype)
@@ -228,9 +246,19 @@ def ddim_sample(denoiser_fn: DenoiserFn, shape: tuple[int, ...], schedule: Noise
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = denoiser_fn(x, t_batch, cond)
+        eps = _guided(denoiser_fn, x, t_batch, cond, guidance)
         if prediction == "x0":
             eps = schedule.predict_eps(x, eps, t)
         step_noise = randn(shape, generator, device, dtype) if (eta > 0 and t_prev >= 0) else None
         x, _ = ddim_step(schedule, eps, t, t_prev, x, eta=eta, clip_x0=clip_x0, noise=step_noise)
     return x
+
+
+def _guided(denoiser_fn: DenoiserFn, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
+    """The denoiser's output, classifier-free guided when ``guidance`` ≠ 1 (see ``ddim_sample``)."""
+    if cond is None or guidance == 1.0:
+        return denoiser_fn(x, t, cond)
+    # Two calls rather than one on [cond; null]: a doubled batch left the CPU caches and cost
+    # 0.55 s per call of 2 × 10 clips against 0.35 s for the two halves (small-temporal, 2 threads).
+    speaker, null = denoiser_fn(x, t, cond), denoiser_fn(x, t, torch.zeros_like(cond))
+    return null + guidance * (speaker - null)

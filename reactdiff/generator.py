@@ -442,7 +442,8 @@ class ReactDiffGenerator(nn.Module):
             start = int(torch.randint(0, p_l.shape[1] - frames + 1, (1,), generator=generator, device=gen_device))
             p_s, p_l = p_s[:, start:start + frames], p_l[:, start:start + frames]
         return epsilon_loss(self.denoiser, self.to_windows(p_l), self.schedule, self.cond(self.to_windows(p_s)),
-                            loss=d.loss, weight=d.loss_weight, prediction=d.prediction, generator=generator)
+                            loss=d.loss, weight=d.loss_weight, prediction=d.prediction, cond_drop=d.cond_drop,
+                            generator=generator)
 
     @contextlib.contextmanager
     def _sampling_mode(self, decoder_dropout: bool) -> Iterator[None]:
@@ -459,7 +460,7 @@ class ReactDiffGenerator(nn.Module):
     @torch.no_grad()
     def generate(self, speaker: dict[str, Tensor], num_samples: int = 10, steps: int | None = None,
                  seed: int | Sequence[int] | None = None, eta: float | None = None,
-                 decoder_dropout: bool = False) -> Reaction:
+                 decoder_dropout: bool = False, guidance: float | None = None) -> Reaction:
         """Sample ``num_samples`` listener reactions per speaker clip, in one batched pass.
 
         ``speaker``: named features [T, D] or [B, T, D], T ≥ seq_len (only frames 0..seq_len−1 are
@@ -471,7 +472,8 @@ class ReactDiffGenerator(nn.Module):
         call equals an unbatched call with that seed: results never depend on batch composition
         (up to float rounding; with ``decoder_dropout`` the dropout masks are shared by the batch).
         The decoder runs in eval mode unless ``decoder_dropout=True``, which reproduces the
-        reference's dropout-at-sampling (§4.2). The caller's train/eval modes are restored.
+        reference's dropout-at-sampling (§4.2). ``guidance`` (default: the config's) is the
+        classifier-free guidance scale. The caller's train/eval modes are restored.
         Returns ``Reaction(emotion [K, T, 25], tdmm [K, T, 58])`` or with a leading B.
         """
         if num_samples < 1:
@@ -490,7 +492,8 @@ class ReactDiffGenerator(nn.Module):
             window = cfg.seq_len if cfg.temporal_denoiser else cfg.window
             x0 = ddim_sample(self.denoiser, (b * k * w, window, fd), self.schedule, cond, steps=steps,
                              eta=d.eta if eta is None else float(eta), clip_x0=d.clip_x0, generator=rngs,
-                             device=self.device, dtype=self.dtype, prediction=d.prediction)
+                             device=self.device, dtype=self.dtype, prediction=d.prediction,
+                             guidance=d.guidance if guidance is None else float(guidance))
             z = self.latent_stats.denormalize(self.from_windows(x0, b * k))            # [B·K, L, fd]
             with self._dropout_rng(decoder_dropout, rngs[0]):
                 emotion, tdmm = self.decode(z)

@@ -134,7 +134,8 @@ class ReactionGenerator:
     """
 
     def __init__(self, generator, snapshot_uri: str, samples: int, steps: int | None, seed: int,
-                 frames: int, threads: int | None = None, decoder_dropout: bool = False):
+                 frames: int, threads: int | None = None, decoder_dropout: bool = False,
+                 guidance: float | None = None):
         import torch
 
         if threads:
@@ -159,7 +160,7 @@ class ReactionGenerator:
                              f"(it has {sorted(self.snapshot.features)}); evaluate on a snapshot "
                              "extracted with the model's feature set")
         self.samples, self.steps, self.seed, self.frames = samples, steps, seed, frames
-        self.decoder_dropout = decoder_dropout
+        self.decoder_dropout, self.guidance = decoder_dropout, guidance
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [int(i) for i in batch["item"]]
@@ -169,12 +170,13 @@ class ReactionGenerator:
                   for f in self.features}
         seeds = [item_seed(self.seed, i) for i in items]
         emotion = generate_reactions(self.generator, inputs, seeds, self.samples, self.steps, self.device,
-                                     decoder_dropout=self.decoder_dropout)
+                                     decoder_dropout=self.decoder_dropout, guidance=self.guidance)
         return {"item": np.asarray(items, dtype=np.int64), "emotion": emotion[:, :, :self.frames]}
 
 
 def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Sequence[int], samples: int,
-                       steps: int | None, device: str = "cpu", *, decoder_dropout: bool = False) -> np.ndarray:
+                       steps: int | None, device: str = "cpu", *, decoder_dropout: bool = False,
+                       guidance: float | None = None) -> np.ndarray:
     """Reactions [B, K, T, 25] for a batch of speakers, row b generated with ``seeds[b]``.
 
     One generator call per row: a batched call with a single seed would draw row b's noise from a
@@ -187,6 +189,8 @@ def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Seque
         for b, seed in enumerate(seeds):
             row = {k: torch.as_tensor(v[b:b + 1], device=device) for k, v in inputs.items()}
             kwargs = {"num_samples": samples, "seed": int(seed), "decoder_dropout": decoder_dropout}
+            if guidance is not None:       # None: the model's own scale (its config)
+                kwargs["guidance"] = guidance
             if steps is not None:
                 kwargs["steps"] = steps
             reaction = generator.generate(row, **kwargs)
@@ -216,7 +220,7 @@ def actor_pool(actors: int | None, items: int, batch_size: int) -> tuple[int, fl
 def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: Snapshot, items: Sequence, *,
                         samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
                         actors: int | None = None, frames: int = FRAMES,
-                        decoder_dropout: bool = False) -> "ray.data.Dataset":
+                        decoder_dropout: bool = False, guidance: float | None = None) -> "ray.data.Dataset":
     """The (lazy) Ray Dataset of reactions for ``items``: one row per item, ``item`` int64 and
     ``emotion`` float32 [K, frames, 25] (the raw generator output), in no particular order.
 
@@ -239,17 +243,19 @@ def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: Snapsho
         ds, ReactionGenerator,
         fn_constructor_kwargs=dict(generator=model, snapshot_uri=snapshot.uri, samples=samples,
                                    steps=steps, seed=seed, frames=frames, threads=int(cpus),
-                                   decoder_dropout=decoder_dropout),
+                                   decoder_dropout=decoder_dropout, guidance=guidance),
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus, num_cpus=cpus)
 
 
 def generate_predictions(generator: "ReactDiffGenerator | str", snapshot: Snapshot, items: Sequence, *,
                          samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
-                         actors: int | None = None, decoder_dropout: bool = False) -> np.ndarray:
+                         actors: int | None = None, decoder_dropout: bool = False,
+                         guidance: float | None = None) -> np.ndarray:
     """Predictions [N, K, T, 25] in item order (:func:`predictions_dataset`, T = 750 frames)."""
     ds = predictions_dataset(generator, snapshot, items, samples=samples, seed=seed, steps=steps,
-                             batch_size=batch_size, actors=actors, decoder_dropout=decoder_dropout)
+                             batch_size=batch_size, actors=actors, decoder_dropout=decoder_dropout,
+                             guidance=guidance)
     out: np.ndarray | None = None
     seen = np.zeros(len(items), dtype=bool)
     position = {int(i.index): k for k, i in enumerate(items)}

@@ -60,6 +60,7 @@ class EvaluationReport:
     binarize: bool = False
     steps: int | None = None
     decoder_dropout: bool = False                               # dropout of the frozen decoder while sampling
+    guidance: float | None = None                               # classifier-free guidance scale used
     latent_normalisation: str | None = None                     # "exact" or "reference" (its non-inverse bug)
     architecture: str | None = None                             # stage-2 design of the model
     snapshot_id: str | None = None
@@ -89,6 +90,7 @@ class EvaluationReport:
         lines = [f"REACT metrics on {self.snapshot_id}/{self.split}: {self.counts.get('items', '?')} items × "
                  f"{self.samples} samples, seed {self.seed}, binarize {self.binarize}, decoder dropout "
                  f"{'on' if self.decoder_dropout else 'off'}"
+                 + (f", guidance {self.guidance:g}" if self.guidance is not None else "")
                  + (f", latent normalisation {self.latent_normalisation}" if self.latent_normalisation else ""),
                  head]
         for name, values in rows:
@@ -251,13 +253,15 @@ def score_baseline(kind: str, listener: np.ndarray, speaker: np.ndarray, neighbo
 # What a generator consumes and how it samples
 # ---------------------------------------------------------------------------------------------
 
-def model_description(generator) -> dict[str, Any]:
-    """What a report records about how the model samples, beside the options (issue #15 f)."""
+def model_description(generator, guidance: float | None = None) -> dict[str, Any]:
+    """What a report records about how the model samples, beside the options (issue #15 f):
+    ``guidance`` is the asked scale, else the model's own."""
     config = getattr(generator, "config", None)
     if config is None:                                  # a URI: the actors loaded it
-        return {}
+        return {} if guidance is None else {"guidance": float(guidance)}
     return {"latent_normalisation": "reference" if config.reference_normalisation_bug else "exact",
-            "architecture": config.architecture}
+            "architecture": config.architecture,
+            "guidance": float(config.diffusion.guidance if guidance is None else guidance)}
 
 
 def model_features(generator) -> dict[str, int]:

@@ -50,7 +50,7 @@ def log_report(report: EvaluationReport, *, version: "ModelVersion | None" = Non
                   "reactdiff.predictions": report.predictions_uri},
             params={"split": report.split, "samples": report.samples, "seed": report.seed,
                     "binarize": report.binarize, "steps": report.steps, "items": report.counts.get("items"),
-                    "decoder_dropout": report.decoder_dropout,
+                    "decoder_dropout": report.decoder_dropout, "guidance": report.guidance,
                     "latent_normalisation": report.latent_normalisation,
                     "architecture": report.architecture})
     dataset = None
@@ -99,6 +99,8 @@ def evaluation_tag(split: str, snapshot_id: str, options: EvalOptions) -> str:
                 **dataclasses.asdict(options)}
     for k in ("batch_size", "actors", "frdist_tasks"):   # execution knobs, not the protocol
         protocol.pop(k, None)
+    if protocol.get("guidance") is None:      # the model's own scale: tags as before the option existed
+        protocol.pop("guidance", None)
     digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
     return f"{EVAL_TAG}{split}.{digest}"
 

@@ -52,6 +52,8 @@ class EvalOptions:
     steps: int | None = option(None, "DDIM steps (default: the generator's schedule)", flag="--steps")
     decoder_dropout: bool = option(False, "sample with the frozen decoder's dropout on, as the reference does "
                                           "(more diverse, less faithful)", flag="--decoder-dropout")
+    guidance: float | None = option(None, "classifier-free guidance scale (null: the model's own; 1 = none)",
+                                    flag="--guidance")
     max_items: int | None = option(None, "only the first N items (smoke runs; not comparable with full-split "
                                          "numbers)", flag="--max-items")
     binarize: bool = option(False, "round the 15 AU dims of the predictions to {0,1} before all metrics",
@@ -68,6 +70,8 @@ class EvalOptions:
             raise ConfigError(f"max_items must be >= 2 (FRDvs compares items), got {self.max_items}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.guidance is not None and self.guidance < 0:
+            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if self.actors is not None and self.actors < 1:
             raise ConfigError(f"actors must be >= 1, got {self.actors}")
 
@@ -173,7 +177,8 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: Snapshot
     items, _, _ = split_items(snapshot, split, o.max_items)
     t0 = time.perf_counter()
     pred = generate_predictions(generator, snapshot, items, samples=o.samples, seed=o.seed, steps=o.steps,
-                                batch_size=o.batch_size, actors=o.actors, decoder_dropout=o.decoder_dropout)
+                                batch_size=o.batch_size, actors=o.actors, decoder_dropout=o.decoder_dropout,
+                                guidance=o.guidance)
     timings = {"generate": time.perf_counter() - t0}
     if save_predictions:
         write_predictions(save_predictions, pred, [i.index for i in items])
@@ -181,7 +186,8 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: Snapshot
         model_uri = generator
     report = evaluate_predictions(
         pred, snapshot, split, o, baselines=baselines, timings=timings, steps=o.steps, model_uri=model_uri,
-        predictions_uri=save_predictions, decoder_dropout=o.decoder_dropout, **model_description(generator),
+        predictions_uri=save_predictions, decoder_dropout=o.decoder_dropout,
+        **model_description(generator, guidance=o.guidance),
         model_name=model_version.name if model_version else None,
         model_version=str(model_version.version) if model_version else None)
     report.figures = reaction_figures(pred, snapshot, items)

@@ -55,7 +55,7 @@ from pipeline.data.features import Extractor, FeatureSet, feature_set_from_manif
 from pipeline.data.media import ClipError, read_audio
 from pipeline.data.snapshot import Snapshot, SnapshotError
 from pipeline.evaluate.predictions import actor_pool, predictions_dataset
-from pipeline.evaluate.protocol import available_items, item_seed, model_features
+from pipeline.evaluate.protocol import available_items, item_seed, model_description, model_features
 from pipeline import plots
 from pipeline.generate import render
 from pipeline.generate.windows import generate_reactions
@@ -97,6 +97,8 @@ class GenerateConfig:
     steps: int | None = option(None, "DDIM steps (default: the generator's schedule)", flag="--steps")
     decoder_dropout: bool = option(False, "sample with the frozen decoder's dropout on, as the reference does "
                                           "(more diverse, less faithful)", flag="--decoder-dropout")
+    guidance: float | None = option(None, "classifier-free guidance scale (null: the model's own; 1 = none)",
+                                    flag="--guidance")
     features: str | None = option(None, "feature snapshot URI or id: the model's feature set (one clip) or the "
                                         "split's features (--split); default: the model version's snapshot_uri "
                                         "tag", flag="--features", metavar="SNAPSHOT")
@@ -152,6 +154,8 @@ class GenerateConfig:
             raise err("pass either --speaker-video FILE (one clip) or --split SPLIT (a whole snapshot split)")
         if self.samples < 1:
             raise err(f"samples must be >= 1, got {self.samples}")
+        if self.guidance is not None and self.guidance < 0:
+            raise err(f"guidance must be >= 0, got {self.guidance}")
         if self.steps is not None and self.steps < 1:
             raise err(f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.video_sample < self.samples:
@@ -532,7 +536,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     t0 = time.perf_counter()
     raw_emotion, tdmm, windowing = generate_reactions(model.generator, features, frames, samples=cfg.samples,
                                                       seed=cfg.seed, steps=cfg.steps,
-                                                      decoder_dropout=cfg.decoder_dropout)
+                                                      decoder_dropout=cfg.decoder_dropout, guidance=cfg.guidance)
     timings["generate_s"] = time.perf_counter() - t0
     if not np.isfinite(tdmm).all():
         raise GenerationError("the model produced NaN or infinite 3DMM coefficients; the checkpoint is broken")
@@ -597,7 +601,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     summary = {"model": model.describe(), "speaker": {k: storage.redact(v) if isinstance(v, str) else v
                                                       for k, v in {**asdict(speaker), **info}.items()},
                "samples": cfg.samples, "seed": cfg.seed, "steps": cfg.steps, "binarize": cfg.binarize,
-               "decoder_dropout": cfg.decoder_dropout,
+               "decoder_dropout": cfg.decoder_dropout, "guidance": _guidance(model.generator, cfg.guidance),
                "frames": {"generated": generated, "written": out_frames, "padded": out_frames - generated},
                "face": face, "fixes": fixes, "notes": notes, "renderer": cfg.renderer if cfg.video else None,
                "video_sample": cfg.video_sample if cfg.video else None, "timings": timings,
@@ -608,6 +612,11 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
     for note in notes[:1]:
         log.info(note)
     return ClipResult(out, files, emotion, tdmm, summary)
+
+
+def _guidance(generator, asked: float | None) -> float:
+    """The classifier-free guidance scale the reactions were sampled with (recorded in outputs)."""
+    return float(model_description(generator, guidance=asked)["guidance"])
 
 
 def _workspace_outputs() -> str:
@@ -680,7 +689,7 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     # calls; the generator travels as its weights-only file bytes (never a pickled module).
     ds = predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
                              steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
-                             frames=model.seq_len, decoder_dropout=cfg.decoder_dropout)
+                             frames=model.seq_len, decoder_dropout=cfg.decoder_dropout, guidance=cfg.guidance)
     ds = ds.map_batches(_with_ids, batch_format="numpy",
                         fn_kwargs={"pairs": {int(i.index): (i.speaker, i.listener) for i in todo},
                                    "seed": cfg.seed})
@@ -707,7 +716,7 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
         "format": "reactdiff-predictions/1",
         "contract": "pipeline/evaluate/predictions.py: item int64, emotion float32 [K, T, 25] (raw generator output)",
         "model": model.describe(), "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
-        "steps": cfg.steps, "decoder_dropout": cfg.decoder_dropout,
+        "steps": cfg.steps, "decoder_dropout": cfg.decoder_dropout, "guidance": _guidance(generator, cfg.guidance),
         "seeds": "item k uses pipeline.evaluate.protocol.item_seed(seed, k)",
         "items": len(todo), "items_in_split": len(snapshot.items(cfg.split)), "max_items": cfg.max_items,
         "skipped_items": skipped, "frames": model.seq_len,

@@ -39,7 +39,8 @@ def crossfade_weights(starts: list[int], seq_len: int, overlap: int) -> np.ndarr
 
 
 def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, *, samples: int, seed: int,
-                       steps: int | None, decoder_dropout: bool) -> tuple[np.ndarray, np.ndarray, str]:
+                       steps: int | None, decoder_dropout: bool,
+                       guidance: float | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """K reactions (raw emotion [K, T, 25], tdmm [K, T, 58]) for a speaker clip of any length T.
 
     The model reacts to windows of ``seq_len`` frames (30 s); REACT's 751-frame clips are one
@@ -56,14 +57,16 @@ def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, 
         reps = -(-seq_len // frames)
         feats = {k: np.concatenate([v[:frames]] * reps)[:seq_len] for k, v in features.items()}
         r = generator.generate({k: torch.from_numpy(v) for k, v in feats.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
+                               steps=steps, seed=seed, decoder_dropout=decoder_dropout,
+                               guidance=guidance)
         note = (f"the clip has {frames} frames, fewer than the model's {seq_len}-frame window: the speaker was "
                 f"looped {reps} times to fill it and the reactions cut back to {frames} frames")
         return (r.emotion.float().cpu().numpy()[:, :frames], r.tdmm.float().cpu().numpy()[:, :frames], note)
     starts = windows(frames, seq_len, overlap)
     if len(starts) == 1:
         r = generator.generate({k: torch.from_numpy(v) for k, v in features.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout)
+                               steps=steps, seed=seed, decoder_dropout=decoder_dropout,
+                               guidance=guidance)
         return r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy(), ""
     weights = crossfade_weights(starts, seq_len, overlap)
     emotion = tdmm = None
@@ -72,7 +75,7 @@ def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, 
         chunk = starts[first:first + WINDOWS_PER_CALL]
         batch = {k: torch.from_numpy(np.stack([v[s:s + seq_len] for s in chunk])) for k, v in features.items()}
         r = generator.generate(batch, num_samples=samples, steps=steps, seed=[seed + first + i for i in range(len(chunk))],
-                               decoder_dropout=decoder_dropout)
+                               decoder_dropout=decoder_dropout, guidance=guidance)
         e, t = r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy()      # [W, K, L, D]
         if emotion is None:
             emotion = np.zeros((samples, frames, e.shape[-1]))

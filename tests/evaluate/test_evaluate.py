@@ -6,11 +6,15 @@ frames, a non-trivial neighbour matrix) and a tiny untrained generator; real MLf
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
+from pipeline.config import ConfigError
 from pipeline.evaluate import predictions, protocol, records
 from pipeline.evaluate import scoring as ev
 from pipeline.evaluate.scoring import EvalOptions
@@ -213,3 +217,24 @@ def test_decoder_dropout_is_an_option_and_is_recorded(generated, tiny_snapshot):
     # promotion's metric cache keys on the protocol: dropout on and off are different protocols
     assert records.evaluation_tag("val", "s", EvalOptions(decoder_dropout=True)) != records.evaluation_tag(
         "val", "s", EvalOptions())
+
+
+def test_guidance_is_an_option_and_is_recorded(generated, tiny_snapshot):
+    """Classifier-free guidance: the model's own scale by default, another one on request, the one
+    used recorded in the report; the option changes the protocol (and so promotion's cache key)."""
+    gen, own, _ = generated
+    assert own.guidance == gen.config.diffusion.guidance == 1.0
+    gen = copy.deepcopy(gen)
+    torch.manual_seed(3)
+    with torch.no_grad():    # untrained, the zero-initialised UNet ignores its condition: wake it
+        for p in gen.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    options = EvalOptions(samples=SAMPLES, steps=STEPS, seed=7, batch_size=3, actors=1, frdist_tasks=2, guidance=2.5)
+    guided = ev.evaluate_generator(gen, tiny_snapshot, "val", options, baselines=())
+    assert guided.guidance == 2.5 and "guidance 2.5" in guided.table()
+    assert guided.metrics != ev.evaluate_generator(gen, tiny_snapshot, "val", dataclasses.replace(
+        options, guidance=None), baselines=()).metrics
+    assert records.evaluation_tag("val", "s", EvalOptions(guidance=2.5)) != records.evaluation_tag(
+        "val", "s", EvalOptions())
+    with pytest.raises(ConfigError, match="guidance"):
+        EvalOptions(guidance=-1.0).validate()

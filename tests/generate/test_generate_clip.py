@@ -50,6 +50,7 @@ def test_cli_writes_react_files_plot_and_video(registry, speaker, tmp_path, caps
     assert summary["model"]["snapshot_id"] == registry.snapshot.id
     assert summary["frames"] == {"generated": 750, "written": 751, "padded": 1}
     assert summary["seed"] == 5 and summary["samples"] == 3
+    assert summary["guidance"] == 1.0 and summary["decoder_dropout"] is False   # the model's own scale
 
     from PIL import Image
 

@@ -30,6 +30,7 @@ def test_batch_predictions_score_like_direct_evaluation(registry, s3, capsys):
     assert pred.shape == (4, SAMPLES, 750, 25)
     manifest = storage.read_json(storage.join(out, PREDICTIONS_MANIFEST))
     assert manifest["items"] == 4 and manifest["seed"] == SEED and manifest["model"]["version"] == "1"
+    assert manifest["guidance"] == 1.0
 
     # Direct evaluation generates the same items itself; the metrics must not differ.
     generator, version = load_generator(MODEL)

@@ -109,3 +109,49 @@ def test_step_walks_the_reverse_process_like_the_sampler(schedule):
         t_prev = ts[ts.index(t) + 1] if t != ts[-1] else -1
         x, _ = schedule.step(eps_fn(x, t, None), t, x, t_prev)
     torch.testing.assert_close(x, ddim_sample(eps_fn, x_T.shape, schedule, steps=5, noise=x_T))
+
+
+def test_condition_dropout_trains_the_null_condition(schedule):
+    """cond_drop replaces whole examples' conditions by zeros, at about the asked rate."""
+    x0, cond = torch.randn(400, 3, 4), torch.ones(400, 3, 5)
+    seen = []
+
+    def record(x_t, t, c):
+        seen.append(c.clone())
+        return torch.zeros_like(x_t)
+
+    epsilon_loss(record, x0, schedule, cond, generator=torch.Generator().manual_seed(0))
+    epsilon_loss(record, x0, schedule, cond, cond_drop=0.25, generator=torch.Generator().manual_seed(0))
+    plain, dropped = seen
+    assert torch.equal(plain, cond)                                 # cond_drop = 0: untouched
+    per_example = dropped.flatten(1)
+    assert set(per_example.amax(1).tolist()) == {0.0, 1.0}          # whole examples, never parts
+    assert torch.equal(per_example.amin(1), per_example.amax(1))
+    assert 0.15 < (per_example.amax(1) == 0).float().mean().item() < 0.35
+    with pytest.raises(ValueError, match="cond_drop"):
+        DiffusionConfig(cond_drop=1.0)
+
+
+def test_guidance_extrapolates_from_the_null_condition(schedule):
+    """guidance g: a call with cond and one with zeros per step, output null + g · (cond − null)."""
+    calls = []
+
+    def linear(x_t, t, c):           # ε̂ depends on the condition's mean, so cond ≠ null matters
+        calls.append(x_t.shape[0])
+        return 0.1 * x_t + c.mean(dim=(1, 2), keepdim=True)
+
+    x_T = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(2))
+    cond = torch.full((3, 2, 4), 0.3)
+    plain = ddim_sample(linear, x_T.shape, schedule, cond, steps=4, noise=x_T, clip_x0=False)
+    assert calls == [3] * 4
+    calls.clear()
+    guided = ddim_sample(linear, x_T.shape, schedule, cond, steps=4, noise=x_T, clip_x0=False, guidance=2.0)
+    assert calls == [3] * 8
+    # Guidance 2 on this denoiser is the plain sampler with the condition doubled.
+    doubled = ddim_sample(linear, x_T.shape, schedule, 2 * cond, steps=4, noise=x_T, clip_x0=False)
+    torch.testing.assert_close(guided, doubled)
+    assert not torch.allclose(guided, plain)
+    # Guidance 0 is the unconditional model.
+    null = ddim_sample(linear, x_T.shape, schedule, torch.zeros_like(cond), steps=4, noise=x_T, clip_x0=False)
+    torch.testing.assert_close(ddim_sample(linear, x_T.shape, schedule, cond, steps=4, noise=x_T, clip_x0=False,
+                                           guidance=0.0), null)
