@@ -120,3 +120,14 @@ def test_import_reactdiff_is_light():
     code = "import sys, reactdiff; print(reactdiff.__version__); assert 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0.1.0"
+
+
+def test_only_the_improved_variant_guides():
+    """The paper presets stay the reference (no condition dropout, no guidance); the temporal ones
+    train with condition dropout and sample with guidance 2 (docs/model.md, cause 9)."""
+    for name in ("paper", "small"):
+        d = preset_config(name).diffusion
+        assert (d.cond_drop, d.guidance) == (0.0, 1.0)
+    for name in ("paper-temporal", "small-temporal"):
+        d = preset_config(name).diffusion
+        assert (d.cond_drop, d.guidance) == (0.1, 2.0)
