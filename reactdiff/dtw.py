@@ -51,6 +51,8 @@ REACT_WEIGHTS = (W_AU, 1, W_EXPR)
 
 _INF = np.inf
 _CHECK_EVERY = 16  # anti-diagonals between early-abandoning checks (each costs two band scans)
+_BLOCK = 15        # columns per block of the local-cost bounds (``_group_lower_bound``)
+_FINE_BLOCK = 5    # and of the finer bounds tried when the first ones fall just short
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -98,9 +100,15 @@ def _band_min(row, lo, hi):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def combine(d):
-    """FRDist's D from the three group DTWs d[0:3], in the official accumulation order
+    """FRDist's D from the three group DTWs d[0:3] (``combine3``)."""
+    return combine3(d[0], d[1], d[2])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def combine3(au, va, expr):
+    """FRDist's D from the three group DTWs, in the official accumulation order
     (``res = 0; res += w * dtw`` for AUs, valence/arousal, expressions; 1 * d == d exactly)."""
-    return (W_AU * d[0] + d[1]) + W_EXPR * d[2]
+    return (W_AU * au + va) + W_EXPR * expr
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -112,11 +120,13 @@ def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2, d, best):
     path R never decreases, in floating point too (fl(c + m) >= m for c >= 0; rounding is
     monotonic), so the smallest R on two consecutive diagonals is <= the final R. ``combine``
     and sqrt are monotonic in every argument, so with d holding exact values of finished groups
-    and 0 for the rest, ``combine`` of that bound > best proves this pair is not the minimum.
+    and lower bounds (or 0) for the rest, ``combine`` of that bound > best proves this pair is
+    not the minimum; d[group] on entry is such a bound for this group, and stays one.
     ``best`` = inf never abandons. R_g[T1-1, T2-1] ends in slot (T1 + T2) % 3 at index T1.
     """
     numba.literally(d_start)
     numba.literally(d_stop)
+    known = d[group]
     acc[:, group, :] = _INF
     acc[0, group, 0] = 0.0  # R[-1, -1] = 0, on the virtual diagonal s = -2 (slot 0)
     check = best < _INF
@@ -133,20 +143,101 @@ def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2, d, best):
         if check and s % _CHECK_EVERY == _CHECK_EVERY - 1:
             bound = min(_band_min(acc[q_new, group], lo, hi),
                         _band_min(acc[(s + 1) % 3, group], max(0, s - T2), min(s - 1, T1 - 1)))
-            d[group] = math.sqrt(bound)
+            d[group] = max(known, math.sqrt(bound))
             if combine(d) > best:
-                d[group] = 0.0
                 return -1.0
-    d[group] = 0.0
     return math.sqrt(acc[(T1 + T2) % 3, group, T1])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _load(x, y, xT, yR):
-    """x [T1, 25] -> xT [25, T1] and y [T2, 25] -> yR [25, T2] reversed in time, float64."""
+def _bound_scratch(T1, T2):
+    """Scratch of ``_group_lower_bound`` for x of T1 and y of T2 frames: the block envelopes,
+    the local-cost bounds [blocks, T1] and the DP's two rows."""
+    n_blocks = (T2 + _FINE_BLOCK - 1) // _FINE_BLOCK
+    return np.empty((2, NUM_DIMS, n_blocks)), np.empty((n_blocks, T1)), np.empty((2, n_blocks))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _block_envelopes(yR, d_start, d_stop, T2, block, env):
+    """env[0, d, b], env[1, d, b]: min and max of y_j[d] over the columns j of block b
+    (j in [b * block, (b + 1) * block)); yR is y reversed in time."""
+    for d in range(d_start, d_stop):
+        for b in range((T2 + block - 1) // block):
+            lo, hi = _INF, -_INF
+            for j in range(b * block, min(T2, (b + 1) * block)):
+                v = yR[d, T2 - 1 - j]
+                lo = min(lo, v)
+                hi = max(hi, v)
+            env[0, d, b] = lo
+            env[1, d, b] = hi
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb):
+    """lb[b, i] <= ||x_i - y_j||^2 over the group for every column j of block b, exactly in
+    floating point: per dimension, x's distance to the block's [min, max] is at most |x - y_j|
+    (rounding is monotonic), squared and summed in dimension order like the local cost itself.
+    The group's dimension range is a compile-time literal (unrolled, the sum in registers);
+    the loop over rows i is unit-stride and vectorised."""
+    numba.literally(d_start)
+    numba.literally(d_stop)
+    for b in range(n_blocks):
+        row = lb[b]
+        for i in range(T1):
+            c = 0.0
+            for d in range(d_start, d_stop):
+                e = max(max(env[0, d, b] - xT[d, i], xT[d, i] - env[1, d, b]), 0.0)  # lo <= hi
+                c += e * e
+            row[i] = c
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _group_lower_bound(xT, yR, d_start, d_stop, T1, T2, block, scratch):
+    """A lower bound of one group's DTW from T1 x (T2 / block) local-cost bounds (block 15: ~1/8 of a sweep).
+
+    Any warping path visits every row i; let j_i be the first column it visits there (j_0 = 0,
+    non-decreasing). Row i is then visited at least from j_i to j_{i+1} - 1 (the last row to
+    T2 - 1), so the path's cost is at least, over the blocks b_i of the j_i, the sum of the
+    bound of cell (i, j_i) and, for every block strictly between b_i and b_{i+1}, its width times
+    its bound in row i. A DP over (row, block) takes the minimum of that sum over all
+    non-decreasing block sequences: F[b] for rows up to i, H the best way to arrive from a lower
+    block. It lower-bounds R in real arithmetic; both are sums of at most T1 + T2 non-negative
+    rounded terms, so each is within a relative (T1 + T2) * 2^-53 of its real value, and the
+    result is shrunk by twice that (and a spare factor 2) to stay below R in floating point.
+    """
+    numba.literally(d_start)
+    numba.literally(d_stop)
+    env, lb, dp = scratch
+    F, F_new = dp[0], dp[1]
+    n_blocks = (T2 + block - 1) // block
+    _block_envelopes(yR, d_start, d_stop, T2, block, env)
+    _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb)
+    F[:n_blocks] = _INF
+    F[0] = lb[0, 0]
+    for i in range(1, T1):
+        H = _INF
+        for b in range(n_blocks):
+            F_new[b] = lb[b, i] + min(F[b], H)
+            H = min(H + min(block, T2 - b * block) * lb[b, i - 1], F[b])
+        F[:n_blocks] = F_new[:n_blocks]
+    total, tail = _INF, 0.0
+    for b in range(n_blocks - 1, -1, -1):   # the last row runs on to column T2 - 1
+        total = min(total, F[b] + tail)
+        tail += min(block, T2 - b * block) * lb[b, T1 - 1]
+    return math.sqrt(total * (1.0 - 4.0 * (T1 + T2) * 2.0 ** -52))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _load_x(x, xT):
+    """x [T1, 25] -> xT [25, T1], float64."""
     for t in range(x.shape[0]):
         for dim in range(NUM_DIMS):
             xT[dim, t] = x[t, dim]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _load_y(y, yR):
+    """y [T2, 25] -> yR [25, T2] reversed in time, float64."""
     T2 = y.shape[0]
     for t in range(T2):
         for dim in range(NUM_DIMS):
@@ -154,18 +245,36 @@ def _load(x, y, xT, yR):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _dtw_react_groups(xT, yR, acc, T1, T2, d, best, out):
-    """The three REACT group DTWs of one loaded pair into out[0:3]; False if abandoned.
+def _dtw_react_groups(xT, yR, acc, T1, T2, d, out):
+    """The three REACT group DTWs of one loaded pair into out[0:3], in full.
 
     One group after the other: a group's DP depends only on itself, and the rows one group
-    touches on consecutive diagonals stay in L1 (all 25 dims together do not fit). The cheap
-    groups go first, so their exact values tighten the bound of the 15-dim AU sweep.
+    touches on consecutive diagonals stay in L1 (all 25 dims together do not fit).
     """
     d[:] = 0.0
-    v = _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2, d, best)
-    if v < 0.0:
-        return False
-    d[1] = v
+    out[0] = _dtw_group(xT, yR, acc, 0, 0, AU_END, T1, T2, d, _INF)
+    out[1] = _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2, d, _INF)
+    out[2] = _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2, d, _INF)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _finish_pair(xT, yR, acc, T1, T2, d, va, best, out, scratch):
+    """D's other two groups for a pair whose valence/arousal DTW ``va`` is known: out[0:3] and
+    True, or False once the pair provably cannot be below ``best`` (inf: never).
+
+    With ``best`` finite the expression and AU lower bounds (``_group_lower_bound``, an eighth
+    of their sweeps) are tried first: they often prove it before either group is swept, and
+    keep tightening the checks of the sweeps that do run (expressions first, the cheaper).
+    """
+    d[:] = 0.0
+    d[1] = va
+    if best < _INF:
+        d[0] = _group_lower_bound(xT, yR, 0, AU_END, T1, T2, _BLOCK, scratch)
+        if combine(d) > best:
+            return False
+        d[2] = _group_lower_bound(xT, yR, VA_END, NUM_DIMS, T1, T2, _BLOCK, scratch)
+        if combine(d) > best:
+            return False
     v = _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2, d, best)
     if v < 0.0:
         return False
@@ -173,8 +282,7 @@ def _dtw_react_groups(xT, yR, acc, T1, T2, d, best, out):
     v = _dtw_group(xT, yR, acc, 0, 0, AU_END, T1, T2, d, best)
     if v < 0.0:
         return False
-    d[0] = v
-    out[0], out[1], out[2] = d[0], d[1], d[2]
+    out[0], out[1], out[2] = v, va, d[2]
     return True
 
 
@@ -189,8 +297,9 @@ def _dtw_react_pairs(x, y, x_index, y_index, out, n_blocks):
         acc = np.empty((3, 3, T1 + 1))
         d = np.zeros(3)
         for p in range(b * n_pairs // n_blocks, (b + 1) * n_pairs // n_blocks):
-            _load(x[x_index[p]], y[y_index[p]], xT, yR)
-            _dtw_react_groups(xT, yR, acc, T1, T2, d, _INF, out[p])
+            _load_x(x[x_index[p]], xT)
+            _load_y(y[y_index[p]], yR)
+            _dtw_react_groups(xT, yR, acc, T1, T2, d, out[p])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -233,24 +342,40 @@ def _closest_react(x, y, x_index, y_index, starts, out, n_blocks):
         acc = np.empty((3, 3, T1 + 1))
         d = np.zeros(3)
         groups = np.empty(3)
-        upper = np.empty(width)
+        scratch = _bound_scratch(T1, T2)
+        upper = np.empty((width, 3))   # per neighbour: the groups along the diagonal path
+        va = np.empty(width)
+        key = np.empty(width)
         for c in range(b * n // n_blocks, (b + 1) * n // n_blocks):
-            xc = x[x_index[c]]
+            _load_x(x[x_index[c]], xT)
             first, count = starts[c], starts[c + 1] - starts[c]
+            best = _INF
             for m in range(count):
-                upper[m] = _path_upper_bound(xc, y[y_index[first + m]], groups)
-            # The most promising neighbour first: its exact D prunes the others soonest. The
-            # smallest bound already caps the minimum, so even the first sweep can abandon.
-            order = np.argsort(upper[:count])
-            best = upper[order[0]]
+                best = min(best, _path_upper_bound(x[x_index[c]], y[y_index[first + m]], upper[m]))
+            # Valence/arousal (weight 1: most of D) of every neighbour first, a tenth of a pair's
+            # sweeps each: a neighbour whose VA alone exceeds the best upper bound is out. With
+            # it exact and the other two groups along the diagonal, each D's upper bound is
+            # tight enough to name the minimising neighbour first nearly always (98 % against
+            # 73 % by the diagonal alone, benchmark data), and the best of them caps D*.
+            for m in range(count):
+                _load_y(y[y_index[first + m]], yR)
+                d[:] = 0.0
+                va[m] = _dtw_group(xT, yR, acc, 1, AU_END, VA_END, T1, T2, d, best)
+                key[m] = _INF if va[m] < 0.0 else combine3(upper[m, 0], va[m], upper[m, 2])
+                best = min(best, key[m])
+            order = np.argsort(key[:count])
             found = _INF
             for m in order:
-                _load(xc, y[y_index[first + m]], xT, yR)
-                if _dtw_react_groups(xT, yR, acc, T1, T2, d, best, groups):
+                if key[m] == _INF:   # abandoned on VA: not the minimum
+                    break
+                _load_y(y[y_index[first + m]], yR)
+                # The first is finished in full: nothing can exceed its own upper bound, the
+                # best; its exact D is what prunes the rest.
+                if _finish_pair(xT, yR, acc, T1, T2, d, va[m], best if found < _INF else _INF, groups, scratch):
                     value = combine(groups)
                     found = min(found, value)
                     best = min(best, value)
-            # The minimising neighbour is never abandoned (its bound <= D* <= best), so
+            # The minimising neighbour is never abandoned (its bounds <= D* <= best), so
             # ``found`` is exactly the minimum over all of them.
             out[c] = found
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tslearn.metrics import dtw as tslearn_dtw
 
-from reactdiff.dtw import REACT_GROUPS, dtw_pairs, dtw_pairs_torch, dtw_torch
+from reactdiff import dtw as dtw_module
+from reactdiff.dtw import REACT_GROUPS, closest_pairs, combine3, dtw_pairs, dtw_pairs_torch, dtw_torch
 
 
 def _embed(sequence, dim: int) -> np.ndarray:
@@ -90,6 +91,61 @@ def test_torch_wavefront_on_gpu_equals_numba():
     x, y = rng.random((8, 60, 25)).astype(np.float32), rng.random((8, 60, 25)).astype(np.float32)
     pairs = (np.arange(8), np.arange(8)[::-1].copy())
     np.testing.assert_allclose(dtw_pairs_torch(x, y, *pairs, device="cuda"), dtw_pairs(x, y, *pairs), rtol=1e-12)
+
+
+def _smooth(rng, n, frames):
+    """[n, frames, 25] float32 random walks: the slowly varying signals real reactions are."""
+    return np.cumsum(rng.normal(0, 0.05, (n, frames, 25)), axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize(("t1", "t2"), [(60, 60), (47, 83), (120, 31), (3, 100), (16, 1)])
+def test_group_lower_bounds_never_exceed_the_dtw(t1, t2):
+    """``_group_lower_bound`` (block envelopes + a DP over row blocks) is what lets FRDist skip a
+    neighbour's sweeps: it must stay <= the exact group DTW, lengths not multiples of a block,
+    fewer rows than blocks, constant channels and identical frames included."""
+    rng = np.random.default_rng(t1 * 1000 + t2)
+    x, y = _smooth(rng, 4, t1), _smooth(rng, 4, t2)
+    x[1], y[1, :, 3] = 0.0, 0.25              # constant channels
+    y[2, : min(t1, t2)] = x[2, : min(t1, t2)]  # a shared stretch of frames
+    exact = dtw_pairs(x, y, range(4), range(4))
+    ratios = []
+    for p in range(4):
+        xT, yR = np.empty((25, t1)), np.empty((25, t2))
+        dtw_module._load_x(x[p], xT)
+        dtw_module._load_y(y[p], yR)
+        scratch = dtw_module._bound_scratch(t1, t2)
+        for g, (a, b) in enumerate(REACT_GROUPS):
+            bound = dtw_module._group_lower_bound(xT, yR, a, b, t1, t2, dtw_module._BLOCK, scratch)
+            assert 0.0 <= bound <= exact[p, g], (p, g, bound, exact[p, g])
+            if exact[p, g] > 0:
+                ratios.append(bound / exact[p, g])
+    assert np.mean(ratios) > 0.2, ratios   # and it bounds something: the pruning depends on it
+
+
+def test_closest_pairs_is_the_exact_minimum_among_close_competitors():
+    """Neighbours a little noisier than each other (close D values, the case where bounds and
+    abandoning must not cut the minimum), far ones and an exact copy: the minimum over them is
+    the full computation's, bit for bit."""
+    rng = np.random.default_rng(3)
+    frames, n_x = 90, 6
+    x = _smooth(rng, n_x, frames)
+    y, x_index, y_index, starts = [], [], [], [0]
+    for c in range(n_x):
+        for scale in rng.permutation([0.02, 0.021, 0.022, 0.03, 0.3, 1.0])[: 2 + c % 5]:
+            y_index.append(len(y))
+            y.append(x[c] + rng.normal(0, scale, x[c].shape).astype(np.float32))
+        if c == 2:   # an identical neighbour: D = 0 exactly
+            y_index.append(len(y))
+            y.append(x[c].copy())
+        x_index.append(c)
+        starts.append(len(y_index))
+    y = np.stack(y)
+    full = dtw_pairs(x, y, np.repeat(x_index, np.diff(starts)), y_index)
+    d = np.array([combine3(*row) for row in full])
+    expected = [d[a:b].min() for a, b in zip(starts[:-1], starts[1:])]
+    got = closest_pairs(x, y, x_index, y_index, starts)
+    assert got.tolist() == expected and got[2] == 0.0
+    assert closest_pairs(x, y, x_index, y_index, starts, num_threads=1).tolist() == expected
 
 
 def test_input_validation():
