@@ -5,6 +5,8 @@ The generator reacts to ``seq_len`` = 750 frames (30 s): the reference architect
 ``generate`` read the first ``seq_len`` frames. A clip of any other length is covered with whole
 windows here (docs/generation.md): a shorter clip is looped to fill one, a longer one gets
 windows overlapping by a fifth of a window, cross-faded linearly so nothing jumps at a seam.
+It lives in ``reactdiff`` because both the generate job and the served MLflow model (which
+carries only this package) take clips of any length.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from pipeline.evaluate.predictions import actor_pool, predictions_dataset
 from pipeline.evaluate.protocol import available_items, item_seed, model_description, model_features
 from pipeline import plots
 from pipeline.generate import render
-from pipeline.generate.windows import generate_reactions
+from reactdiff.windows import generate_reactions
 from pipeline.registry.models import RegistryError, load_generator
 
 if TYPE_CHECKING:  # pragma: no cover

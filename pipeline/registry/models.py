@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -101,6 +100,23 @@ def model_signature(generator: "ReactDiffGenerator"):
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
+# The input example MLflow shows on the model's page and serves once at logging to check it: one
+# clip of zeros, as many frames as fit EXAMPLE_VALUES numbers (at most a second). A full 30-s
+# clip at the paper feature set's ~28 000 numbers per frame would be ~200 MB of JSON; this is
+# ~100 kB at any width, and the served model takes clips of any length (reactdiff.windows).
+EXAMPLE_VALUES = 25_000
+EXAMPLE_MAX_FRAMES = 25
+
+
+def input_example(generator: "ReactDiffGenerator") -> dict[str, Any]:
+    """{feature name: float32 zeros [1, frames, width]}: a valid request of one short clip."""
+    import numpy as np
+
+    widths = {name: int(width) for name, width in generator.feature_widths.items()}
+    frames = max(1, min(EXAMPLE_MAX_FRAMES, EXAMPLE_VALUES // max(1, sum(widths.values()))))
+    return {name: np.zeros((1, frames, width), dtype=np.float32) for name, width in widths.items()}
+
+
 def _reactdiff_code_path() -> str:
     import reactdiff
 
@@ -153,22 +169,19 @@ def _log_generator(generator, *, name: str, run_id: str | None, tags: Mapping[st
             artifacts={ARTIFACT_KEY: weights},
             code_paths=[_reactdiff_code_path()],
             signature=model_signature(generator),
+            input_example=input_example(generator),
             pip_requirements=pip_requirements(),
             tags={k: str(v) for k, v in (tags or {}).items() if v is not None} or None,
         )
-        with warnings.catch_warnings():
-            # The signature is explicit; an input example would be a full speaker clip (750
-            # frames × every feature column: megabytes of JSON at paper width), so none is logged.
-            warnings.filterwarnings("ignore", message=".*input example.*")
-            if reopen:
-                with _without_mlflow_chatter(), mlflow.start_run(run_id=run_id):
-                    info = mlflow.pyfunc.log_model(**kwargs)
-            elif active is None:
-                # No run: log into our experiment (durable artifact location), not MLflow's
-                # "Default" one whose artifacts would land in ./mlruns of the current directory.
-                info = _log_in_experiment(kwargs)
-            else:
+        if reopen:
+            with _without_mlflow_chatter(), mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(**kwargs)
+        elif active is None:
+            # No run: log into our experiment (durable artifact location), not MLflow's
+            # "Default" one whose artifacts would land in ./mlruns of the current directory.
+            info = _log_in_experiment(kwargs)
+        else:
+            info = mlflow.pyfunc.log_model(**kwargs)
         # start_run/end_run marked the run FINISHED; give it back its own status.
         if reopen and previous_status and previous_status != "FINISHED":
             c.update_run(run_id, status=previous_status)

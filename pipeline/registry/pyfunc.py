@@ -7,10 +7,13 @@ carries the ``reactdiff`` package as ``code_paths``, so serving needs only torch
 mlflow — not this repository, not Ray.
 
 Input: the speaker's named per-frame features, exactly as the snapshot columns
-(``{"video_pixels": [B, T, D], "audio_mfcc26": [B, T, 26]}``, T ≥ the model's seq_len) as a
-dict of float32 arrays; the logged tensor signature makes MLflow check names and shapes first. Params: ``samples``
-(reactions per speaker, default 1) and ``seed`` (-1 = unseeded). Output: ``{"emotion":
-[B, samples, T, 25], "tdmm": [B, samples, T, 58]}`` float32.
+(``{"video_pixels": [B, T, D], "audio_mfcc26": [B, T, 26]}``, clips of any length T) as a dict
+of float32 arrays; the logged tensor signature makes MLflow check names and shapes first. A
+clip other than the model's 30-s window is covered like the generate job does it
+(``reactdiff.windows``: a short one looped, a long one cross-faded windows). Params:
+``samples`` (reactions per speaker, default 1) and ``seed`` (-1 = unseeded; clip b of a batch
+uses seed + b). Output: ``{"emotion": [B, samples, T, 25], "tdmm": [B, samples, T, 58]}``
+float32.
 
     model = mlflow.pyfunc.load_model("models:/reactdiff@champion")
     out = model.predict({"video_pixels": v, "audio_mfcc26": a}, params={"samples": 10})
@@ -67,13 +70,23 @@ class ReactDiffModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
+        from reactdiff.windows import generate_reactions
+
         params = params or {}
         samples = int(params.get("samples", 1) or 1)
         seed = int(params.get("seed", -1))
+        if seed < 0:
+            seed = int(np.random.default_rng().integers(2 ** 31))
         feats = _as_feature_dict(model_input, list(self.generator.feature_widths))
-        with torch.no_grad():   # numpy in: the generator moves it to its device (copying read-only arrays)
-            out = self.generator.generate(feats, num_samples=samples, seed=None if seed < 0 else seed)
-        return {"emotion": out.emotion.float().cpu().numpy(), "tdmm": out.tdmm.float().cpu().numpy()}
+        clips, frames = next(iter(feats.values())).shape[:2]
+        emotion, tdmm = [], []
+        with torch.no_grad():
+            for b in range(clips):
+                e, t, _ = generate_reactions(self.generator, {k: v[b] for k, v in feats.items()}, frames,
+                                             samples=samples, seed=seed + b, steps=None, decoder_dropout=False)
+                emotion.append(e)
+                tdmm.append(t)
+        return {"emotion": np.stack(emotion).astype(np.float32), "tdmm": np.stack(tdmm).astype(np.float32)}
 
 
 mlflow.models.set_model(ReactDiffModel())

@@ -13,7 +13,7 @@ import pytest
 from jobs import cli
 from pipeline.data import face_crop, media
 from pipeline.generate import render
-from pipeline.generate.windows import crossfade_weights, windows
+from reactdiff.windows import crossfade_weights, windows
 from tests.helpers.media import beep, flash_frames, moving_face_frames, write_recording, write_wav
 
 MODEL = "models:/reactdiff@champion"

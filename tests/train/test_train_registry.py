@@ -114,8 +114,34 @@ def test_pyfunc_from_code_predicts_several_reactions(registered, tmp_path):
     np.testing.assert_array_equal(out["emotion"], again["emotion"])       # seeded → reproducible
     single = model.predict(_speaker(gen))                                # default: one reaction
     assert single["emotion"].shape == (1, 1, FRAMES, 25)
+    # Clips of any length, as the generate job takes them: a short one looped, a long one windowed.
+    rng = np.random.default_rng(1)
+    for frames in (7, 2 * FRAMES + 30):
+        clip = {n: rng.standard_normal((1, frames, w)).astype(np.float32) for n, w in gen.feature_widths.items()}
+        out = model.predict(clip, params={"seed": 3})
+        assert out["emotion"].shape == (1, 1, frames, 25) and np.isfinite(out["emotion"]).all()
     with pytest.raises(Exception, match="video_pixels"):
         model.predict({"audio_mfcc26": _speaker(gen)["audio_mfcc26"]})
+
+
+def test_the_model_page_shows_an_input_example_that_serves(registered, tmp_path):
+    """MLflow's model page shows the logged example request; it is one short clip of every named
+    feature (a few kB here, ~100 kB at the paper widths) and the served model answers it."""
+    import json
+
+    import mlflow
+    from mlflow.models import Model
+
+    gen, *_ = registered
+    folder = mlflow.artifacts.download_artifacts("models:/reactdiff/2", dst_path=str(tmp_path))
+    example = Model.load(folder).load_input_example(folder)
+    frames = min(registry.EXAMPLE_MAX_FRAMES, registry.EXAMPLE_VALUES // sum(gen.feature_widths.values()))
+    assert {n: np.asarray(v).shape for n, v in example.items()} == {
+        n: (1, frames, w) for n, w in gen.feature_widths.items()}
+    serving = json.load(open(f"{folder}/serving_input_example.json"))
+    assert set(serving["inputs"]) == set(gen.feature_widths)           # what a REST client sends
+    out = mlflow.pyfunc.load_model("models:/reactdiff/2").predict(example)
+    assert out["emotion"].shape == (1, 1, frames, 25)
 
 
 def test_unknown_model_alias_or_version_is_a_clear_error(registered):
