@@ -262,8 +262,10 @@ def _attribute_generate(gen, attributes: torch.Tensor, samples: int, seed: int) 
     return emotion.reshape(b, samples, t, -1).numpy()
 
 
-def predict(gen, variant: Variant, val: SplitData, samples: int, seed: int) -> np.ndarray:
-    """[N, K, T, 25] reactions for the val items, as the variant's probe defines them."""
+def predict(gen, variant: Variant, val: SplitData, samples: int, seed: int,
+            guidance: float | None = None) -> np.ndarray:
+    """[N, K, T, 25] reactions for the val items, as the variant's probe defines them;
+    ``guidance`` (generate probes): the scale to sample with, None: the model's own."""
     n = len(val.speakers)
     if variant.probe == "reconstruct":
         with torch.no_grad():
@@ -281,7 +283,8 @@ def predict(gen, variant: Variant, val: SplitData, samples: int, seed: int) -> n
     out = []
     for i in range(0, n, 4):
         rows = np.arange(i, min(i + 4, n))
-        r = gen.generate(_batch(val, speakers[rows]), num_samples=samples, seed=[seed * 1000 + int(k) for k in rows])
+        r = gen.generate(_batch(val, speakers[rows]), num_samples=samples, seed=[seed * 1000 + int(k) for k in rows],
+                         guidance=guidance)
         out.append(r.emotion.numpy())
     return np.concatenate(out)
 
@@ -361,12 +364,10 @@ def run(quick: bool = False, *, snapshot=None, names: list[str] | None = None, s
         per_seed: dict[str, list[dict]] = {}
         for seed in seeds:
             gen, times = train_variant(variant, train, snapshot.mean_face(), seed)
-            own = gen.config.diffusion.guidance
             for g in scales:
                 row = name if g is None else f"{name}@g{g:g}"
-                gen.config.diffusion.guidance = own if g is None else g
                 t0 = time.perf_counter()
-                metrics = score(predict(gen, variant, val, samples, seed), val)
+                metrics = score(predict(gen, variant, val, samples, seed, guidance=g), val)
                 per_seed.setdefault(row, []).append({**metrics, **times, "predict_s": time.perf_counter() - t0})
                 print(f"{row} seed {seed}: " + " ".join(f"{k} {v:.3f}" for k, v in per_seed[row][-1].items()),
                       flush=True)

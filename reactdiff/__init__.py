@@ -26,6 +26,7 @@ _EXPORTS = {
     "LatentStatistics": "reactdiff.generator",
     "SpeakerCondition": "reactdiff.generator",
     "Reaction": "reactdiff.generator",
+    "Sampling": "reactdiff.windows",
     "CheckpointError": "reactdiff.generator",
     "PRESETS": "reactdiff.presets",
     "preset_config": "reactdiff.presets",
@@ -66,3 +67,4 @@ if TYPE_CHECKING:  # static analysers see the real names
     from reactdiff.presets import PRESETS, preset_config
     from reactdiff.training import EMA, TrainSettings, make_optimizer
     from reactdiff.unet import UNet1D, UNetConfig
+    from reactdiff.windows import Sampling

@@ -51,8 +51,7 @@ REACT_WEIGHTS = (W_AU, 1, W_EXPR)
 
 _INF = np.inf
 _CHECK_EVERY = 16  # anti-diagonals between early-abandoning checks (each costs two band scans)
-_BLOCK = 15        # columns per block of the local-cost bounds (``_group_lower_bound``)
-_FINE_BLOCK = 5    # and of the finer bounds tried when the first ones fall just short
+_BLOCK = 15        # columns per block of the local-cost bounds (``_group_lower_bound``; 10 and 30 measured slower)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -153,18 +152,18 @@ def _dtw_group(xT, yR, acc, group, d_start, d_stop, T1, T2, d, best):
 def _bound_scratch(T1, T2):
     """Scratch of ``_group_lower_bound`` for x of T1 and y of T2 frames: the block envelopes,
     the local-cost bounds [blocks, T1] and the DP's two rows."""
-    n_blocks = (T2 + _FINE_BLOCK - 1) // _FINE_BLOCK
+    n_blocks = (T2 + _BLOCK - 1) // _BLOCK
     return np.empty((2, NUM_DIMS, n_blocks)), np.empty((n_blocks, T1)), np.empty((2, n_blocks))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _block_envelopes(yR, d_start, d_stop, T2, block, env):
+def _block_envelopes(yR, d_start, d_stop, T2, env):
     """env[0, d, b], env[1, d, b]: min and max of y_j[d] over the columns j of block b
-    (j in [b * block, (b + 1) * block)); yR is y reversed in time."""
+    (j in [b * _BLOCK, (b + 1) * _BLOCK)); yR is y reversed in time."""
     for d in range(d_start, d_stop):
-        for b in range((T2 + block - 1) // block):
+        for b in range(env.shape[2]):
             lo, hi = _INF, -_INF
-            for j in range(b * block, min(T2, (b + 1) * block)):
+            for j in range(b * _BLOCK, min(T2, (b + 1) * _BLOCK)):
                 v = yR[d, T2 - 1 - j]
                 lo = min(lo, v)
                 hi = max(hi, v)
@@ -173,7 +172,7 @@ def _block_envelopes(yR, d_start, d_stop, T2, block, env):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb):
+def _cost_bounds(xT, env, d_start, d_stop, T1, lb):
     """lb[b, i] <= ||x_i - y_j||^2 over the group for every column j of block b, exactly in
     floating point: per dimension, x's distance to the block's [min, max] is at most |x - y_j|
     (rounding is monotonic), squared and summed in dimension order like the local cost itself.
@@ -181,7 +180,7 @@ def _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb):
     the loop over rows i is unit-stride and vectorised."""
     numba.literally(d_start)
     numba.literally(d_stop)
-    for b in range(n_blocks):
+    for b in range(lb.shape[0]):
         row = lb[b]
         for i in range(T1):
             c = 0.0
@@ -192,8 +191,8 @@ def _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _group_lower_bound(xT, yR, d_start, d_stop, T1, T2, block, scratch):
-    """A lower bound of one group's DTW from T1 x (T2 / block) local-cost bounds (block 15: ~1/8 of a sweep).
+def _group_lower_bound(xT, yR, d_start, d_stop, T1, T2, scratch):
+    """A lower bound of one group's DTW from T1 x (T2 / _BLOCK) local-cost bounds (~1/8 of a sweep).
 
     Any warping path visits every row i; let j_i be the first column it visits there (j_0 = 0,
     non-decreasing). Row i is then visited at least from j_i to j_{i+1} - 1 (the last row to
@@ -209,21 +208,21 @@ def _group_lower_bound(xT, yR, d_start, d_stop, T1, T2, block, scratch):
     numba.literally(d_stop)
     env, lb, dp = scratch
     F, F_new = dp[0], dp[1]
-    n_blocks = (T2 + block - 1) // block
-    _block_envelopes(yR, d_start, d_stop, T2, block, env)
-    _cost_bounds(xT, env, d_start, d_stop, T1, n_blocks, lb)
-    F[:n_blocks] = _INF
+    n_blocks = lb.shape[0]
+    _block_envelopes(yR, d_start, d_stop, T2, env)
+    _cost_bounds(xT, env, d_start, d_stop, T1, lb)
+    F[:] = _INF
     F[0] = lb[0, 0]
     for i in range(1, T1):
         H = _INF
         for b in range(n_blocks):
             F_new[b] = lb[b, i] + min(F[b], H)
-            H = min(H + min(block, T2 - b * block) * lb[b, i - 1], F[b])
-        F[:n_blocks] = F_new[:n_blocks]
+            H = min(H + min(_BLOCK, T2 - b * _BLOCK) * lb[b, i - 1], F[b])
+        F[:] = F_new
     total, tail = _INF, 0.0
     for b in range(n_blocks - 1, -1, -1):   # the last row runs on to column T2 - 1
         total = min(total, F[b] + tail)
-        tail += min(block, T2 - b * block) * lb[b, T1 - 1]
+        tail += min(_BLOCK, T2 - b * _BLOCK) * lb[b, T1 - 1]
     return math.sqrt(total * (1.0 - 4.0 * (T1 + T2) * 2.0 ** -52))
 
 
@@ -262,17 +261,18 @@ def _finish_pair(xT, yR, acc, T1, T2, d, va, best, out, scratch):
     """D's other two groups for a pair whose valence/arousal DTW ``va`` is known: out[0:3] and
     True, or False once the pair provably cannot be below ``best`` (inf: never).
 
-    With ``best`` finite the expression and AU lower bounds (``_group_lower_bound``, an eighth
-    of their sweeps) are tried first: they often prove it before either group is swept, and
-    keep tightening the checks of the sweeps that do run (expressions first, the cheaper).
+    With ``best`` finite the AU and then the expression lower bounds (``_group_lower_bound``,
+    an eighth of their sweeps) are tried first: they often prove it before either group is
+    swept, and keep tightening the checks of the sweeps that do run (expressions first, the
+    cheaper sweep, whose exact value then tightens the AU sweep's checks).
     """
     d[:] = 0.0
     d[1] = va
     if best < _INF:
-        d[0] = _group_lower_bound(xT, yR, 0, AU_END, T1, T2, _BLOCK, scratch)
+        d[0] = _group_lower_bound(xT, yR, 0, AU_END, T1, T2, scratch)
         if combine(d) > best:
             return False
-        d[2] = _group_lower_bound(xT, yR, VA_END, NUM_DIMS, T1, T2, _BLOCK, scratch)
+        d[2] = _group_lower_bound(xT, yR, VA_END, NUM_DIMS, T1, T2, scratch)
         if combine(d) > best:
             return False
     v = _dtw_group(xT, yR, acc, 2, VA_END, NUM_DIMS, T1, T2, d, best)

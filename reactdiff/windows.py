@@ -11,7 +11,31 @@ carries only this package) take clips of any length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How reactions are drawn, besides the speaker, their number and the seed; None: the
+    generator's config. One value the evaluate and generate jobs pass down to
+    ``generator.generate(..., **sampling.kwargs())``."""
+
+    steps: int | None = None          # DDIM steps (an evenly spaced subset of the training timesteps)
+    decoder_dropout: bool = False     # the frozen decoder's dropout on while sampling, as the reference does
+    guidance: float | None = None     # classifier-free guidance scale (1: none)
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance is not None and self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"steps": self.steps, "decoder_dropout": self.decoder_dropout, "guidance": self.guidance}
+
 
 WINDOWS_PER_CALL = 8          # model windows denoised in one generator call (bounds memory on long clips)
 
@@ -41,8 +65,7 @@ def crossfade_weights(starts: list[int], seq_len: int, overlap: int) -> np.ndarr
 
 
 def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, *, samples: int, seed: int,
-                       steps: int | None, decoder_dropout: bool,
-                       guidance: float | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+                       sampling: Sampling = Sampling()) -> tuple[np.ndarray, np.ndarray, str]:
     """K reactions (raw emotion [K, T, 25], tdmm [K, T, 58]) for a speaker clip of any length T.
 
     The model reacts to windows of ``seq_len`` frames (30 s); REACT's 751-frame clips are one
@@ -51,33 +74,29 @@ def generate_reactions(generator, features: dict[str, np.ndarray], frames: int, 
     overlapping by a fifth of a window (6 s), window w drawn with seed ``seed + w`` and
     neighbours cross-faded linearly over the overlap (no jump at a seam).
     """
-    import torch
-
     seq_len = int(generator.config.seq_len)
     overlap = seq_len // 5
     if frames < seq_len:
         reps = -(-seq_len // frames)
         feats = {k: np.concatenate([v[:frames]] * reps)[:seq_len] for k, v in features.items()}
-        r = generator.generate({k: torch.from_numpy(v) for k, v in feats.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout,
-                               guidance=guidance)
+        r = generator.generate(feats, num_samples=samples,
+                               seed=seed, **sampling.kwargs())
         note = (f"the clip has {frames} frames, fewer than the model's {seq_len}-frame window: the speaker was "
                 f"looped {reps} times to fill it and the reactions cut back to {frames} frames")
         return (r.emotion.float().cpu().numpy()[:, :frames], r.tdmm.float().cpu().numpy()[:, :frames], note)
     starts = windows(frames, seq_len, overlap)
     if len(starts) == 1:
-        r = generator.generate({k: torch.from_numpy(v) for k, v in features.items()}, num_samples=samples,
-                               steps=steps, seed=seed, decoder_dropout=decoder_dropout,
-                               guidance=guidance)
+        r = generator.generate(features, num_samples=samples,
+                               seed=seed, **sampling.kwargs())
         return r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy(), ""
     weights = crossfade_weights(starts, seq_len, overlap)
     emotion = tdmm = None
     total = np.zeros(frames)
     for first in range(0, len(starts), WINDOWS_PER_CALL):
         chunk = starts[first:first + WINDOWS_PER_CALL]
-        batch = {k: torch.from_numpy(np.stack([v[s:s + seq_len] for s in chunk])) for k, v in features.items()}
-        r = generator.generate(batch, num_samples=samples, steps=steps, seed=[seed + first + i for i in range(len(chunk))],
-                               decoder_dropout=decoder_dropout, guidance=guidance)
+        batch = {k: np.stack([v[s:s + seq_len] for s in chunk]) for k, v in features.items()}
+        r = generator.generate(batch, num_samples=samples, seed=[seed + first + i for i in range(len(chunk))],
+                               **sampling.kwargs())
         e, t = r.emotion.float().cpu().numpy(), r.tdmm.float().cpu().numpy()      # [W, K, L, D]
         if emotion is None:
             emotion = np.zeros((samples, frames, e.shape[-1]))

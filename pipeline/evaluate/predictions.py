@@ -28,6 +28,7 @@ from pipeline import progress, runtime, storage
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.protocol import EMOTION_DIM, FRAMES, item_seed, model_features
 from pipeline.registry.models import load_generator
+from reactdiff.windows import Sampling
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -133,9 +134,8 @@ class ReactionGenerator:
     carries item ids in and reactions out — never the (large) per-frame input features.
     """
 
-    def __init__(self, generator, snapshot_uri: str, samples: int, steps: int | None, seed: int,
-                 frames: int, threads: int | None = None, decoder_dropout: bool = False,
-                 guidance: float | None = None):
+    def __init__(self, generator, snapshot_uri: str, samples: int, seed: int, frames: int,
+                 threads: int | None = None, sampling: Sampling = Sampling()):
         import torch
 
         if threads:
@@ -159,8 +159,7 @@ class ReactionGenerator:
             raise ValueError(f"the generator needs features {missing} that snapshot {self.snapshot.id} lacks "
                              f"(it has {sorted(self.snapshot.features)}); evaluate on a snapshot "
                              "extracted with the model's feature set")
-        self.samples, self.steps, self.seed, self.frames = samples, steps, seed, frames
-        self.decoder_dropout, self.guidance = decoder_dropout, guidance
+        self.samples, self.seed, self.frames, self.sampling = samples, seed, frames, sampling
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [int(i) for i in batch["item"]]
@@ -169,14 +168,12 @@ class ReactionGenerator:
         inputs = {f: np.stack([np.asarray(clips[s][f], dtype=np.float32) for s in speakers])
                   for f in self.features}
         seeds = [item_seed(self.seed, i) for i in items]
-        emotion = generate_reactions(self.generator, inputs, seeds, self.samples, self.steps, self.device,
-                                     decoder_dropout=self.decoder_dropout, guidance=self.guidance)
+        emotion = generate_reactions(self.generator, inputs, seeds, self.samples, self.device, self.sampling)
         return {"item": np.asarray(items, dtype=np.int64), "emotion": emotion[:, :, :self.frames]}
 
 
 def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Sequence[int], samples: int,
-                       steps: int | None, device: str = "cpu", *, decoder_dropout: bool = False,
-                       guidance: float | None = None) -> np.ndarray:
+                       device: str = "cpu", sampling: Sampling = Sampling()) -> np.ndarray:
     """Reactions [B, K, T, 25] for a batch of speakers, row b generated with ``seeds[b]``.
 
     One generator call per row: a batched call with a single seed would draw row b's noise from a
@@ -188,14 +185,8 @@ def generate_reactions(generator, inputs: Mapping[str, np.ndarray], seeds: Seque
     with torch.inference_mode():
         for b, seed in enumerate(seeds):
             row = {k: torch.as_tensor(v[b:b + 1], device=device) for k, v in inputs.items()}
-            kwargs = {"num_samples": samples, "seed": int(seed), "decoder_dropout": decoder_dropout}
-            if guidance is not None:       # None: the model's own scale (its config)
-                kwargs["guidance"] = guidance
-            if steps is not None:
-                kwargs["steps"] = steps
-            reaction = generator.generate(row, **kwargs)
-            emotion = reaction.emotion if hasattr(reaction, "emotion") else reaction["emotion"]
-            out.append(torch.as_tensor(emotion).float().cpu().numpy()[0])
+            reaction = generator.generate(row, num_samples=samples, seed=int(seed), **sampling.kwargs())
+            out.append(reaction.emotion.float().cpu().numpy()[0])
     return np.stack(out)
 
 
@@ -218,9 +209,8 @@ def actor_pool(actors: int | None, items: int, batch_size: int) -> tuple[int, fl
 
 
 def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: Snapshot, items: Sequence, *,
-                        samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
-                        actors: int | None = None, frames: int = FRAMES,
-                        decoder_dropout: bool = False, guidance: float | None = None) -> "ray.data.Dataset":
+                        samples: int = 10, seed: int = 0, sampling: Sampling = Sampling(), batch_size: int = 8,
+                        actors: int | None = None, frames: int = FRAMES) -> "ray.data.Dataset":
     """The (lazy) Ray Dataset of reactions for ``items``: one row per item, ``item`` int64 and
     ``emotion`` float32 [K, frames, 25] (the raw generator output), in no particular order.
 
@@ -241,21 +231,18 @@ def predictions_dataset(generator: "ReactDiffGenerator | str", snapshot: Snapsho
     # Nothing is kept from a partial run, so a lost actor fails the evaluation and a rerun repeats it.
     return runtime.map_batches_without_restarts(
         ds, ReactionGenerator,
-        fn_constructor_kwargs=dict(generator=model, snapshot_uri=snapshot.uri, samples=samples,
-                                   steps=steps, seed=seed, frames=frames, threads=int(cpus),
-                                   decoder_dropout=decoder_dropout, guidance=guidance),
+        fn_constructor_kwargs=dict(generator=model, snapshot_uri=snapshot.uri, samples=samples, seed=seed,
+                                   frames=frames, threads=int(cpus), sampling=sampling),
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus, num_cpus=cpus)
 
 
 def generate_predictions(generator: "ReactDiffGenerator | str", snapshot: Snapshot, items: Sequence, *,
-                         samples: int = 10, seed: int = 0, steps: int | None = None, batch_size: int = 8,
-                         actors: int | None = None, decoder_dropout: bool = False,
-                         guidance: float | None = None) -> np.ndarray:
+                         samples: int = 10, seed: int = 0, sampling: Sampling = Sampling(), batch_size: int = 8,
+                         actors: int | None = None) -> np.ndarray:
     """Predictions [N, K, T, 25] in item order (:func:`predictions_dataset`, T = 750 frames)."""
-    ds = predictions_dataset(generator, snapshot, items, samples=samples, seed=seed, steps=steps,
-                             batch_size=batch_size, actors=actors, decoder_dropout=decoder_dropout,
-                             guidance=guidance)
+    ds = predictions_dataset(generator, snapshot, items, samples=samples, seed=seed, sampling=sampling,
+                             batch_size=batch_size, actors=actors)
     out: np.ndarray | None = None
     seen = np.zeros(len(items), dtype=bool)
     position = {int(i.index): k for k, i in enumerate(items)}

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from reactdiff.windows import Sampling
+
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.data.snapshot import Snapshot
 
@@ -252,6 +254,17 @@ def score_baseline(kind: str, listener: np.ndarray, speaker: np.ndarray, neighbo
 # ---------------------------------------------------------------------------------------------
 # What a generator consumes and how it samples
 # ---------------------------------------------------------------------------------------------
+
+def sampling_options(options) -> Sampling:
+    """The ``Sampling`` of an evaluate/generate config (its steps, decoder_dropout, guidance),
+    a ``ConfigError`` naming what is out of range."""
+    from pipeline.config import ConfigError
+
+    try:
+        return Sampling(steps=options.steps, decoder_dropout=options.decoder_dropout, guidance=options.guidance)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
 
 def model_description(generator, guidance: float | None = None) -> dict[str, Any]:
     """What a report records about how the model samples, beside the options (issue #15 f):

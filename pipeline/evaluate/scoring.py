@@ -32,12 +32,14 @@ from pipeline.config import ConfigError, option
 from pipeline.data.snapshot import Snapshot
 from pipeline.evaluate.predictions import generate_predictions, write_predictions
 from pipeline.evaluate.protocol import (BASELINES, EMOTION_DIM, FRAMES, EvaluationReport, ground_truth,
-                                        model_description, score, score_baseline, split_items,
-                                        train_mean_emotion)
+                                        model_description, sampling_options, score, score_baseline,
+                                        split_items, train_mean_emotion)
 from pipeline.runtime import workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities.model_registry import ModelVersion
+
+    from reactdiff.windows import Sampling
 
     from reactdiff.generator import ReactDiffGenerator
 
@@ -63,6 +65,10 @@ class EvalOptions:
     frdist_tasks: int | None = option(None, "Ray tasks that split FRDist's DTW rows (null: 16 per cluster CPU, "
                                             "<= items)")
 
+    def sampling(self) -> Sampling:
+        """How the reactions are drawn (steps, decoder dropout, guidance); checks them."""
+        return sampling_options(self)
+
     def validate(self) -> None:
         if self.samples < 1:
             raise ConfigError(f"samples must be >= 1, got {self.samples}")
@@ -70,8 +76,7 @@ class EvalOptions:
             raise ConfigError(f"max_items must be >= 2 (FRDvs compares items), got {self.max_items}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.guidance is not None and self.guidance < 0:
-            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        self.sampling()
         if self.actors is not None and self.actors < 1:
             raise ConfigError(f"actors must be >= 1, got {self.actors}")
 
@@ -179,9 +184,8 @@ def evaluate_generator(generator: "ReactDiffGenerator | str", snapshot: Snapshot
     o = options
     items, _, _ = split_items(snapshot, split, o.max_items)
     t0 = time.perf_counter()
-    pred = generate_predictions(generator, snapshot, items, samples=o.samples, seed=o.seed, steps=o.steps,
-                                batch_size=o.batch_size, actors=o.actors, decoder_dropout=o.decoder_dropout,
-                                guidance=o.guidance)
+    pred = generate_predictions(generator, snapshot, items, samples=o.samples, seed=o.seed, sampling=o.sampling(),
+                                batch_size=o.batch_size, actors=o.actors)
     timings = {"generate": time.perf_counter() - t0}
     if save_predictions:
         write_predictions(save_predictions, pred, [i.index for i in items])

@@ -55,10 +55,11 @@ from pipeline.data.features import Extractor, FeatureSet, feature_set_from_manif
 from pipeline.data.media import ClipError, read_audio
 from pipeline.data.snapshot import Snapshot, SnapshotError
 from pipeline.evaluate.predictions import actor_pool, predictions_dataset
-from pipeline.evaluate.protocol import available_items, item_seed, model_description, model_features
+from pipeline.evaluate.protocol import (available_items, item_seed, model_description, model_features,
+                                       sampling_options)
 from pipeline import plots
 from pipeline.generate import render
-from reactdiff.windows import generate_reactions
+from reactdiff.windows import Sampling, generate_reactions
 from pipeline.registry.models import RegistryError, load_generator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,6 +147,10 @@ class GenerateConfig:
     ray_address: str | None = option(None, "Ray cluster to attach to (default: $RAY_ADDRESS, else local Ray "
                                            "on 127.0.0.1)", flag="--ray-address", group="a whole split (Ray Data)")
 
+    def sampling(self) -> Sampling:
+        """How the reactions are drawn (steps, decoder dropout, guidance); checks them."""
+        return sampling_options(self)
+
     def validate(self) -> None:
         err = config_mod.ConfigError
         if not self.model:
@@ -154,10 +159,7 @@ class GenerateConfig:
             raise err("pass either --speaker-video FILE (one clip) or --split SPLIT (a whole snapshot split)")
         if self.samples < 1:
             raise err(f"samples must be >= 1, got {self.samples}")
-        if self.guidance is not None and self.guidance < 0:
-            raise err(f"guidance must be >= 0, got {self.guidance}")
-        if self.steps is not None and self.steps < 1:
-            raise err(f"steps must be >= 1, got {self.steps}")
+        self.sampling()
         if not 0 <= self.video_sample < self.samples:
             raise err(f"video_sample must be in 0..{self.samples - 1} (one of the {self.samples} reactions)")
         if self.split is not None and self.split not in react.SPLITS:
@@ -535,8 +537,7 @@ def generate_clip(cfg: GenerateConfig) -> ClipResult:
 
     t0 = time.perf_counter()
     raw_emotion, tdmm, windowing = generate_reactions(model.generator, features, frames, samples=cfg.samples,
-                                                      seed=cfg.seed, steps=cfg.steps,
-                                                      decoder_dropout=cfg.decoder_dropout, guidance=cfg.guidance)
+                                                      seed=cfg.seed, sampling=cfg.sampling())
     timings["generate_s"] = time.perf_counter() - t0
     if not np.isfinite(tdmm).all():
         raise GenerationError("the model produced NaN or infinite 3DMM coefficients; the checkpoint is broken")
@@ -688,8 +689,8 @@ def generate_split(cfg: GenerateConfig) -> SplitResult:
     # The evaluation job's own pipeline: same actor pool, seeds (item_seed) and per-item generator
     # calls; the generator travels as its weights-only file bytes (never a pickled module).
     ds = predictions_dataset(generator, snapshot, todo, samples=cfg.samples, seed=cfg.seed,
-                             steps=cfg.steps, batch_size=cfg.batch_size, actors=cfg.actors,
-                             frames=model.seq_len, decoder_dropout=cfg.decoder_dropout, guidance=cfg.guidance)
+                             sampling=cfg.sampling(), batch_size=cfg.batch_size, actors=cfg.actors,
+                             frames=model.seq_len)
     ds = ds.map_batches(_with_ids, batch_format="numpy",
                         fn_kwargs={"pairs": {int(i.index): (i.speaker, i.listener) for i in todo},
                                    "seed": cfg.seed})

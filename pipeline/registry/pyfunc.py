@@ -83,7 +83,7 @@ class ReactDiffModel(PythonModel):
         with torch.no_grad():
             for b in range(clips):
                 e, t, _ = generate_reactions(self.generator, {k: v[b] for k, v in feats.items()}, frames,
-                                             samples=samples, seed=seed + b, steps=None, decoder_dropout=False)
+                                             samples=samples, seed=seed + b)
                 emotion.append(e)
                 tdmm.append(t)
         return {"emotion": np.stack(emotion).astype(np.float32), "tdmm": np.stack(tdmm).astype(np.float32)}

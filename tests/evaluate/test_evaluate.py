@@ -236,5 +236,7 @@ def test_guidance_is_an_option_and_is_recorded(generated, tiny_snapshot):
         options, guidance=None), baselines=()).metrics
     assert records.evaluation_tag("val", "s", EvalOptions(guidance=2.5)) != records.evaluation_tag(
         "val", "s", EvalOptions())
-    with pytest.raises(ConfigError, match="guidance"):
+    with pytest.raises(ConfigError, match="guidance must be >= 0"):
         EvalOptions(guidance=-1.0).validate()
+    with pytest.raises(ConfigError, match="steps must be >= 1"):     # the same check as generate's
+        EvalOptions(steps=0).validate()

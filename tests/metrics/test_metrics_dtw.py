@@ -115,7 +115,7 @@ def test_group_lower_bounds_never_exceed_the_dtw(t1, t2):
         dtw_module._load_y(y[p], yR)
         scratch = dtw_module._bound_scratch(t1, t2)
         for g, (a, b) in enumerate(REACT_GROUPS):
-            bound = dtw_module._group_lower_bound(xT, yR, a, b, t1, t2, dtw_module._BLOCK, scratch)
+            bound = dtw_module._group_lower_bound(xT, yR, a, b, t1, t2, scratch)
             assert 0.0 <= bound <= exact[p, g], (p, g, bound, exact[p, g])
             if exact[p, g] > 0:
                 ratios.append(bound / exact[p, g])
