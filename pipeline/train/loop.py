@@ -97,7 +97,8 @@ class _TrainBatches:
         data, size = self.plan.config.data, self.plan.batch_size
         kept: list[dict] = []
         nbytes = 0
-        for batch in self.shard.iter_torch_batches(batch_size=size, drop_last=not self.budget,
+        # On the worker's device (what Ray Train's "auto" picks too): the kept rows stay there.
+        for batch in self.shard.iter_torch_batches(batch_size=size, drop_last=not self.budget, device=self.device,
                                                    prefetch_batches=data.prefetch_batches,
                                                    local_shuffle_buffer_size=data.shuffle_buffer or None):
             if self.budget:
