@@ -153,6 +153,20 @@ def _without_mlflow_chatter():
                                  if not _CHATTER.match(line)))
 
 
+@contextlib.contextmanager
+def _pyfunc_info_quieted():
+    """MLflow's pyfunc logger at WARNING while a model is logged: its INFO line "Validating input
+    example against model signature" on every version says nothing (a mismatch raises, a failed
+    serving check warns; both still show)."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _log_generator(generator, *, name: str, run_id: str | None, tags: Mapping[str, Any] | None):
     import mlflow
 
@@ -173,15 +187,16 @@ def _log_generator(generator, *, name: str, run_id: str | None, tags: Mapping[st
             pip_requirements=pip_requirements(),
             tags={k: str(v) for k, v in (tags or {}).items() if v is not None} or None,
         )
-        if reopen:
-            with _without_mlflow_chatter(), mlflow.start_run(run_id=run_id):
+        with _pyfunc_info_quieted():
+            if reopen:
+                with _without_mlflow_chatter(), mlflow.start_run(run_id=run_id):
+                    info = mlflow.pyfunc.log_model(**kwargs)
+            elif active is None:
+                # No run: log into our experiment (durable artifact location), not MLflow's
+                # "Default" one whose artifacts would land in ./mlruns of the current directory.
+                info = _log_in_experiment(kwargs)
+            else:
                 info = mlflow.pyfunc.log_model(**kwargs)
-        elif active is None:
-            # No run: log into our experiment (durable artifact location), not MLflow's
-            # "Default" one whose artifacts would land in ./mlruns of the current directory.
-            info = _log_in_experiment(kwargs)
-        else:
-            info = mlflow.pyfunc.log_model(**kwargs)
         # start_run/end_run marked the run FINISHED; give it back its own status.
         if reopen and previous_status and previous_status != "FINISHED":
             c.update_run(run_id, status=previous_status)

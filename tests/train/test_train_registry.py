@@ -144,6 +144,25 @@ def test_the_model_page_shows_an_input_example_that_serves(registered, tmp_path)
     assert out["emotion"].shape == (1, 1, frames, 25)
 
 
+def test_logging_a_model_says_nothing_at_info_level(registered):
+    """MLflow's pyfunc INFO line on every logged model ("Validating input example against model
+    signature") is not printed; its warnings would be."""
+    import logging
+
+    gen, *_ = registered
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mlflow.pyfunc")
+    logger.addHandler(handler)
+    try:
+        registry.log_generator(gen)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == []
+    assert logger.level == logging.NOTSET                                # and the level is restored
+
+
 def test_unknown_model_alias_or_version_is_a_clear_error(registered):
     with pytest.raises(registry.RegistryError, match=r"no registered model named 'nope'.*registered models: reactdiff"):
         registry.load_generator("models:/nope@champion")
