@@ -39,9 +39,8 @@ from pipeline.runtime import workspace
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities.model_registry import ModelVersion
 
-    from reactdiff.windows import Sampling
-
     from reactdiff.generator import ReactDiffGenerator
+    from reactdiff.windows import Sampling
 
 
 
